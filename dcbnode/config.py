@@ -1,0 +1,539 @@
+"""Load and validate the dcbnode TOML configuration.
+
+The configuration is read once at start-up with the standard library
+:mod:`tomllib`, merged with command-line overrides and turned into frozen
+dataclasses. Every problem is reported as a :class:`ConfigError` whose
+``str()`` is a single line naming the key, the problem and what to do, so the
+CLI can print it and exit with status 2 *before* the listening port is bound.
+
+Path handling: a relative ``node.data_dir`` (from the file or from an
+override) is resolved against the current working directory *at load time*,
+not against the directory of the configuration file; ``~`` is expanded.
+
+See ``docs/configuration.md`` for the user-facing description of every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "DUPLICATE_POLICIES",
+    "DUPLICATE_STATUS",
+    "LOG_LEVELS",
+    "AccessConfig",
+    "Config",
+    "ConfigError",
+    "NodeConfig",
+    "PeerConfig",
+    "QueryConfig",
+    "load_config",
+]
+
+#: C-STORE response status returned for each ``node.duplicate_policy`` when a
+#: SOP Instance UID that is already archived arrives again.
+#:
+#: * ``keep_first`` and ``replace`` answer 0000 Success: after the operation an
+#:   instance with that UID is safely stored, which is exactly what Success
+#:   means for a Storage SCP (PS3.4 B.2.2).
+#: * ``reject`` answers 0xCD01, a *Failure* from the "Error: Cannot understand"
+#:   range Cxxx of PS3.4 Table B.2-1, whose low bits the implementation
+#:   defines. 0111H "Duplicate SOP Instance" is deliberately NOT used: PS3.7
+#:   Annex C defines it for N-CREATE only and it is not among the C-STORE
+#:   statuses; A7xx would tell the sender "out of resources" (it may retry
+#:   forever) and A9xx "data set does not match SOP Class", both false.
+#:   0xCD01 avoids the C0xx-C6xx values pynetdicom uses internally.
+DUPLICATE_STATUS: Final[Mapping[str, int]] = MappingProxyType(
+    {"keep_first": 0x0000, "replace": 0x0000, "reject": 0xCD01}
+)
+DUPLICATE_POLICIES: Final[tuple[str, ...]] = tuple(DUPLICATE_STATUS)
+LOG_LEVELS: Final[tuple[str, ...]] = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Used only when no configuration file is given (development, tests).
+DEFAULT_DATA_DIR: Final[Path] = Path("dcbnode-data")
+
+# DICOM limits: AE VR is at most 16 characters (PS3.5 Table 6.2-1); the PDU
+# Maximum Length field is 32 bits (PS3.8 D.1.1). DCMTK, like most toolkits,
+# refuses PDUs below 4 KiB, so smaller values would break interoperability.
+_AE_MAX_LEN: Final = 16
+_PDU_MIN: Final = 4096
+_PDU_MAX: Final = 0xFFFFFFFF
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_TOML_POSITION = re.compile(r"\s*\((at line (\d+), column (\d+)|at end of document)\)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line ``key: problem``.
+
+    ``key`` is the dotted TOML key (``node.port``, ``peers.PACS.host``,
+    ``access.allowed_calling_aets[2]``) or the file path for file-level
+    problems (missing file, TOML syntax). ``origin`` optionally says where the
+    bad value came from (the file, or a command-line override).
+    """
+
+    def __init__(self, key: str, problem: str, origin: str | None = None) -> None:
+        super().__init__(key, problem, origin)
+        self.key = key
+        self.problem = problem
+        self.origin = origin
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.problem}"
+        if self.origin:
+            text += f" ({self.origin})"
+        # Guarantee the one-line contract even if a value smuggled a newline in.
+        return " ".join(text.splitlines())
+
+    def with_origin(self, origin: str | None) -> ConfigError:
+        """Return a copy that also names where the offending value came from."""
+        return ConfigError(self.key, self.problem, origin)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The ``[node]`` table: identity, listening socket, storage and limits."""
+
+    ae_title: str = "DCBNODE"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = DEFAULT_DATA_DIR
+    # repr=False: a PostgreSQL URL carries a password that must not reach logs.
+    database_url: str = field(default="", repr=False)
+    max_associations: int = 10
+    max_pdu_size: int = 1048576
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    duplicate_policy: str = "keep_first"
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL to use; ``""`` means ``<data_dir>/index.sqlite``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(os.path.abspath(self.data_dir / 'index.sqlite'))}"
+
+    @property
+    def redacted_database_url(self) -> str:
+        """:attr:`resolved_database_url` with any password masked, for logging."""
+        from sqlalchemy.engine import make_url  # lazy: keep config import cheap
+
+        return make_url(self.resolved_database_url).render_as_string(hide_password=True)
+
+    @property
+    def duplicate_status(self) -> int:
+        """C-STORE status to answer for a duplicate under the configured policy."""
+        return DUPLICATE_STATUS[self.duplicate_policy]
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """The ``[access]`` table: which associations are accepted."""
+
+    allowed_calling_aets: tuple[str, ...] = ()
+    require_called_aet: bool = True
+
+    def allows_calling_aet(self, calling_aet: str) -> bool:
+        """True if ``calling_aet`` may associate (empty allow-list = anyone)."""
+        return not self.allowed_calling_aets or calling_aet.strip() in self.allowed_calling_aets
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One ``[peers.<AET>]`` table: a remote AE we can send to (C-MOVE etc.)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """The ``[query]`` table: C-FIND matching behaviour."""
+
+    case_insensitive_names: bool = True
+    max_responses: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The complete, validated node configuration."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    source: Path | None = None
+
+    def with_peers_and_access_from(self, other: Config) -> Config:
+        """Take ``[peers]`` and ``[access]`` from ``other``, keep everything else.
+
+        Used on SIGHUP: those two tables can change safely while running,
+        whereas e.g. the port or data directory need a restart.
+        """
+        return dataclasses.replace(self, peers=dict(other.peers), access=other.access)
+
+
+# --------------------------------------------------------------------------
+# Value validators: each takes (value, key) and returns the converted value
+# or raises ConfigError(key, ...).
+# --------------------------------------------------------------------------
+
+_Validator = Callable[[object, str], object]
+
+
+def _show(value: object) -> str:
+    """Render a value for an error message, TOML-style and on one line."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value)  # quotes + escapes control characters
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, int | float):
+        text = repr(value)
+    else:
+        text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_hint(value: object, expected: str) -> str:
+    """Common 'wrong type' problem text, with a hint for quoted numbers."""
+    hint = "; remove the quotes" if isinstance(value, str) and expected.startswith("an integer") else ""
+    return f"must be {expected}, got {_show(value)}{hint}"
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int in Python, but `port = true` is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_between(low: int, high: int | None) -> _Validator:
+    """Validator for an integer in [low, high] (high None = unbounded)."""
+    expected = f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+
+    def check(value: object, key: str) -> int:
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            raise ConfigError(key, _type_hint(value, expected))
+        return value
+
+    return check
+
+
+def _port(value: object, key: str) -> int:
+    return _int_between(1, 65535)(value, key)
+
+
+def _pdu_size(value: object, key: str) -> int:
+    if _is_int(value) and (value == 0 or _PDU_MIN <= value <= _PDU_MAX):
+        return value
+    expected = f"an integer between {_PDU_MIN} and {_PDU_MAX} bytes, or 0 for unlimited"
+    raise ConfigError(key, _type_hint(value, expected))
+
+
+def _timeout(value: object, key: str) -> float:
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(key, f"must be a positive number of seconds, got {_show(value)}")
+    return float(value)
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false (without quotes), got {_show(value)}")
+    return value
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string in double quotes, got {_show(value)}")
+    return value
+
+
+def _ae_title(value: object, key: str) -> str:
+    """An AE title per PS3.5 AE VR; returned without padding spaces."""
+    text = _string(value, key)
+    stripped = text.strip(" ")
+    if not stripped:
+        raise ConfigError(key, f"AE title must not be empty or all spaces, got {_show(text)}")
+    if any(ch == "\\" or not " " <= ch <= "~" for ch in stripped):
+        raise ConfigError(
+            key,
+            f"AE title must use printable ASCII without backslash or control characters, got {_show(text)}",
+        )
+    if len(stripped) > _AE_MAX_LEN:
+        raise ConfigError(
+            key, f"AE title must be 1 to 16 characters, got {_show(text)} ({len(stripped)} characters)"
+        )
+    return stripped
+
+
+def _is_hostname(text: str) -> bool:
+    """RFC 1123 host name (a trailing dot is allowed)."""
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
+
+
+def _host(value: object, key: str) -> str:
+    text = _string(value, key)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not _is_hostname(text):
+            raise ConfigError(
+                key,
+                f'must be an IP address or host name such as "0.0.0.0" or "pacs.example.org", '
+                f"got {_show(text)}",
+            ) from None
+    return text
+
+
+def _data_dir(value: object, key: str) -> Path:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(key, f"must be a non-empty directory path string, got {_show(value)}")
+    # Relative paths are resolved against the CWD at load time (documented).
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
+
+
+def _database_url(value: object, key: str) -> str:
+    text = _string(value, key)
+    if not text:
+        return text
+    from sqlalchemy.engine import make_url  # lazy: only needed for non-default URLs
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(text)
+    except (ArgumentError, ValueError):
+        # Never echo the value: it may contain a password.
+        raise ConfigError(
+            key,
+            'is not a valid database URL; use "" for the built-in SQLite index, '
+            '"sqlite:////abs/path.sqlite" or "postgresql+psycopg://user:pw@host/db"',
+        ) from None
+    return text
+
+
+def _choice(allowed: tuple[str, ...], *, upper: bool = False) -> _Validator:
+    """Validator for one of a fixed set of strings (optionally case-insensitive)."""
+    listing = ", ".join(f'"{item}"' for item in allowed)
+
+    def check(value: object, key: str) -> str:
+        text = value.upper() if upper and isinstance(value, str) else value
+        if text not in allowed:
+            raise ConfigError(key, f"must be one of {listing}, got {_show(value)}")
+        return text
+
+    return check
+
+
+def _ae_title_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f'must be a list of AE titles such as ["MODALITY1"], got {_show(value)}')
+    return tuple(_ae_title(item, f"{key}[{index}]") for index, item in enumerate(value))
+
+
+# --------------------------------------------------------------------------
+# Table schemas
+# --------------------------------------------------------------------------
+
+_NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
+    "ae_title": _ae_title,
+    "bind": _host,
+    "port": _port,
+    "data_dir": _data_dir,
+    "database_url": _database_url,
+    "max_associations": _int_between(1, None),
+    "max_pdu_size": _pdu_size,
+    "acse_timeout": _timeout,
+    "dimse_timeout": _timeout,
+    "network_timeout": _timeout,
+    "duplicate_policy": _choice(DUPLICATE_POLICIES),
+    "log_level": _choice(LOG_LEVELS, upper=True),
+}
+_ACCESS_SCHEMA: Final[Mapping[str, _Validator]] = {
+    "allowed_calling_aets": _ae_title_list,
+    "require_called_aet": _bool,
+}
+_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port}
+_QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
+    "case_insensitive_names": _bool,
+    "max_responses": _int_between(0, None),
+}
+_TABLES: Final = ("node", "access", "peers", "query")
+_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>] and [query]"
+
+
+def _require_table(value: object, key: str, hint: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a table ({hint}), got {_show(value)}")
+    return value
+
+
+def _validate_table(raw: dict[str, object], name: str, schema: Mapping[str, _Validator]) -> dict[str, object]:
+    """Reject unknown keys and run each present key through its validator."""
+    for key in raw:
+        if key not in schema:
+            valid = ", ".join(schema)
+            raise ConfigError(f"{name}.{key}", f"unknown key; check the spelling; valid keys here: {valid}")
+    return {key: schema[key](value, f"{name}.{key}") for key, value in raw.items()}
+
+
+def _section(raw: dict[str, object], name: str, schema: Mapping[str, _Validator]) -> dict[str, object]:
+    """Validate the optional top-level table ``[name]`` (absent = all defaults)."""
+    return _validate_table(_require_table(raw.get(name, {}), name, f"[{name}]"), name, schema)
+
+
+def _build_peers(raw: object) -> dict[str, PeerConfig]:
+    peers: dict[str, PeerConfig] = {}
+    for raw_aet, table in _require_table(raw, "peers", "[peers.<AE title>] tables").items():
+        prefix = f"peers.{raw_aet}"
+        aet = _ae_title(raw_aet, prefix)
+        if aet in peers:
+            raise ConfigError(prefix, f"duplicates peers.{aet} (AE titles are compared without spaces)")
+        values = _validate_table(_require_table(table, prefix, "with host and port"), prefix, _PEER_SCHEMA)
+        for required in _PEER_SCHEMA:
+            if required not in values:
+                raise ConfigError(f"{prefix}.{required}", f"missing; add {required} = ... to [{prefix}]")
+        peers[aet] = PeerConfig(ae_title=aet, **values)
+    return peers
+
+
+def _build_config(raw: dict[str, object], source: Path | None) -> Config:
+    """Turn a parsed (and override-merged) TOML document into a Config."""
+    for name in raw:
+        if name not in _TABLES:
+            raise ConfigError(name, f"unknown table or key; valid tables are {_TABLES_TEXT}")
+    node = _section(raw, "node", _NODE_SCHEMA)
+    if "data_dir" not in node:
+        if source is not None:
+            # A server silently writing into its CWD (often "/") is worse than refusing to start.
+            raise ConfigError(
+                "node.data_dir", 'missing; set data_dir = "/var/lib/dcbnode" (an absolute path) in [node]'
+            )
+        node["data_dir"] = _data_dir(str(DEFAULT_DATA_DIR), "node.data_dir")
+    access = _section(raw, "access", _ACCESS_SCHEMA)
+    query = _section(raw, "query", _QUERY_SCHEMA)
+    return Config(
+        node=NodeConfig(**node),
+        access=AccessConfig(**access),
+        peers=_build_peers(raw.get("peers", {})),
+        query=QueryConfig(**query),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------
+# File reading and overrides
+# --------------------------------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    """Parse ``path``; file and syntax problems become a ConfigError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "configuration file not found; check the --config path") from None
+    except OSError as exc:
+        problem = f"cannot read configuration file ({exc.strerror}); check the path and permissions"
+        raise ConfigError(str(path), problem) from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "configuration file is not UTF-8 text; re-save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), _describe_syntax_error(str(exc))) from None
+
+
+def _describe_syntax_error(message: str) -> str:
+    """Rewrite tomllib's message so the line number comes first."""
+    match = _TOML_POSITION.search(message)
+    detail = message[: match.start()] if match else message
+    at_line = match is not None and match.group(2) is not None
+    where = f"line {match.group(2)}, column {match.group(3)}" if at_line else "end of file"
+    return f"TOML syntax error at {where}: {detail}; fix the file and retry"
+
+
+def _split_override(key: str) -> tuple[str, ...]:
+    """Split a dotted override key; AE titles in peers.<AET>.<field> may contain dots."""
+    table, _, rest = key.partition(".")
+    if table == "peers":
+        aet, _, leaf = rest.rpartition(".")
+        parts: tuple[str, ...] = (table, aet, leaf)
+    else:
+        parts = (table, rest)
+    if not all(parts) or table not in _TABLES:
+        problem = f"not a valid setting name; use table.key such as node.port (tables: {_TABLES_TEXT})"
+        raise ConfigError(key, problem)
+    return parts
+
+
+def _apply_overrides(raw: dict[str, object], overrides: Mapping[str, object]) -> set[str]:
+    """Merge overrides into ``raw`` in place; return the keys that were applied.
+
+    ``None`` values are skipped so unset command-line flags can be passed
+    straight through from argparse.
+    """
+    applied: set[str] = set()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *tables, leaf = _split_override(key)
+        target = raw
+        for name in tables:
+            child = target.setdefault(name, {})
+            target = _require_table(child, ".".join(tables), "cannot override inside a non-table")
+        target[leaf] = value
+        applied.add(key)
+    return applied
+
+
+def _origin(error: ConfigError, overridden: set[str], path: Path | None) -> str | None:
+    """Say where the value behind ``error`` came from (file or command line)."""
+    base_key = error.key.split("[", 1)[0]
+    if base_key in overridden:
+        return "from a command-line override"
+    if path is not None and error.key != str(path):
+        return f"in {path}"
+    return None
+
+
+def load_config(path: Path | None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Load, merge and validate the configuration.
+
+    Args:
+        path: TOML file to read, or ``None`` for the built-in defaults
+            (with ``node.data_dir = ./dcbnode-data``).
+        overrides: dotted keys such as ``{"node.port": 11113}`` that win over
+            the file (command-line flags). ``None`` values are ignored.
+
+    Returns:
+        The validated :class:`Config`; ``node.data_dir`` is absolute.
+
+    Raises:
+        ConfigError: for any problem, with a one-line message.
+    """
+    source = Path(os.path.abspath(path)) if path is not None else None
+    raw: dict[str, object] = _read_toml(source) if source is not None else {}
+    try:
+        overridden = _apply_overrides(raw, overrides or {})
+    except ConfigError as error:
+        raise error.with_origin("from a command-line override") from None
+    try:
+        return _build_config(raw, source)
+    except ConfigError as error:
+        if error.origin is not None:
+            raise
+        raise error.with_origin(_origin(error, overridden, source)) from None

@@ -1,0 +1,1 @@
+"""The DCBS volume library (placeholder, filled in below)."""

@@ -1,0 +1,185 @@
+"""Split a received DICOM stream into file meta, header, pixel data element and suffix.
+
+The header (every element before Pixel Data) is kept in Explicit VR Little Endian.  When the dataset
+arrived in that encoding (as do all compressed syntaxes) its bytes are sliced out unchanged, so they
+are spliced back later without any per-element rebuild; other encodings are re-encoded once by pydicom.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from .errors import InvalidDatasetError
+
+#: Top-level pixel data elements: Pixel Data, Float Pixel Data, Double Float Pixel Data.
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+#: Top-level elements that some output forms replace or drop; their byte spans are recorded.
+PATCHABLE_TAGS = (0x00280004, 0x00280006, 0x7FE00001, 0x7FE00002)
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def span_key(tag: int) -> str:
+    """The key under which a tag's byte span is recorded ("00280004")."""
+    return f"{tag:08X}"
+
+
+@dataclass(frozen=True, slots=True)
+class SplitDataset:
+    """A received dataset taken apart."""
+
+    dataset: Dataset  #: parsed by pydicom (elements are decoded lazily)
+    transfer_syntax: UID
+    file_meta: bytes  #: the group 2 elements as received, without preamble and "DICM"
+    header: bytes  #: elements before the pixel data element, Explicit VR Little Endian
+    suffix: bytes  #: elements after the pixel data element, Explicit VR Little Endian
+    spans: dict[str, list[int]]  #: byte spans in ``header`` of the PATCHABLE_TAGS present
+    pixel_element: RawDataElement | None
+    received_length: int
+
+
+def split_dataset(data: bytes, *, transfer_syntax: str | None = None) -> SplitDataset:
+    """Parse Part-10 bytes (or a bare dataset with ``transfer_syntax``) and split it.
+
+    Raises :class:`InvalidDatasetError` when pydicom cannot parse the stream.
+    """
+    meta_end = _file_meta_end(data)
+    try:
+        dataset = dcmread(BytesIO(data), force=True)
+    except Exception as exc:  # pydicom raises many types for malformed streams
+        raise InvalidDatasetError(f"cannot parse the dataset: {exc}") from exc
+    syntax = UID(transfer_syntax or _transfer_syntax_of(dataset))
+    pixel_tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
+    pixel_element = dataset.get_item(pixel_tag) if pixel_tag is not None else None
+    if pixel_element is not None and not isinstance(pixel_element, RawDataElement):
+        raise InvalidDatasetError("pixel data element could not be located in the stream")
+
+    # Slice only what was really read as Explicit VR Little Endian: some files claim a compressed
+    # syntax yet encode their dataset with implicit VR, and pydicom reads them regardless.
+    explicit_le = dataset.original_encoding == (False, True) and _starts_explicit(data, meta_end)
+    if explicit_le and syntax != DeflatedExplicitVRLittleEndian:
+        header, suffix, spans = _slice_explicit(data, meta_end, dataset, pixel_element)
+    else:
+        header, suffix, spans = _reencode(dataset, pixel_tag)
+    return SplitDataset(dataset, syntax, data[_meta_start(data):meta_end], header, suffix, spans,
+                        pixel_element, len(data) - meta_end)
+
+
+def _transfer_syntax_of(dataset: Dataset) -> str:
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax:
+        return str(syntax)
+    implicit, little = dataset.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _meta_start(data: bytes) -> int:
+    return 132 if data[128:132] == b"DICM" else 0
+
+
+def _file_meta_end(data: bytes) -> int:
+    """Offset of the first dataset element: group 0002 is always Explicit VR Little Endian."""
+    position = _meta_start(data)
+    while position + 8 <= len(data):
+        group, = struct.unpack_from("<H", data, position)
+        if group != 0x0002:
+            break
+        vr = data[position + 4 : position + 6].decode("latin-1")
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            position += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            position += 8 + length
+    return position
+
+
+def _starts_explicit(data: bytes, position: int) -> bool:
+    """Whether the first dataset element carries a VR: pydicom silently falls back to implicit VR
+    for files whose file meta claims an explicit syntax, without saying so in ``original_encoding``.
+    """
+    vr = data[position + 4 : position + 6]
+    return len(vr) == 2 and vr.isalpha() and vr.isupper()
+
+
+def _element_start(element: RawDataElement) -> int:
+    """Offset of an explicit VR element's tag, from the offset of its value."""
+    return element.value_tell - (12 if element.VR in _LONG_VRS else 8)
+
+
+def _slice_explicit(
+    data: bytes, dataset_start: int, dataset: Dataset, pixel: RawDataElement | None
+) -> tuple[bytes, bytes, dict[str, list[int]]]:
+    if pixel is None:
+        return data[dataset_start:], b"", _spans(dataset, dataset_start)
+    pixel_start = _element_start(pixel)
+    value_end = pixel.value_tell + len(pixel.value or b"")
+    if pixel.length == 0xFFFFFFFF:
+        value_end += 8  # the Sequence Delimitation Item that closes encapsulated pixel data
+    return data[dataset_start:pixel_start], data[value_end:], _spans(dataset, dataset_start)
+
+
+def _spans(dataset: Dataset, base: int) -> dict[str, list[int]]:
+    spans: dict[str, list[int]] = {}
+    for tag in PATCHABLE_TAGS:
+        element = dataset.get_item(tag) if tag in dataset else None
+        if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
+            start = _element_start(element) - base
+            spans[span_key(tag)] = [start, element.value_tell - base + element.length]
+    return spans
+
+
+def encode_explicit_le(dataset: Dataset) -> bytes:
+    """Encode a dataset (no file meta) as Explicit VR Little Endian."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()
+
+
+def encode_implicit_le(dataset: Dataset) -> bytes:
+    """Encode a dataset (no file meta) as Implicit VR Little Endian."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = True
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()
+
+
+def parse_explicit_le(data: bytes) -> Dataset:
+    """Parse Explicit VR Little Endian dataset bytes (a stored header or suffix)."""
+    return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+
+
+def _reencode(dataset: Dataset, pixel_tag: int | None) -> tuple[bytes, bytes, dict[str, list[int]]]:
+    """Re-encode the non-pixel elements as Explicit VR Little Endian (implicit, big endian, deflated)."""
+    before, after = Dataset(), Dataset()
+    try:
+        for element in dataset:
+            target = before if pixel_tag is None or element.tag < pixel_tag else after
+            if element.tag != pixel_tag:
+                target.add(element)
+        header = encode_explicit_le(before)
+        suffix = encode_explicit_le(after)
+    except Exception as exc:
+        raise InvalidDatasetError(f"cannot re-encode the dataset: {exc}") from exc
+    return header, suffix, _spans(parse_explicit_le(header), 0)
+

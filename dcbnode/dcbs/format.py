@@ -1,0 +1,93 @@
+"""Byte layout of a DCBS volume: the file header, record headers and checksums.
+
+See ``docs/dcbs-format.md`` for the specification.  All integers are little endian.  Every structure
+carries a CRC-32 so that nothing is ever read without being checked.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+FILE_MAGIC = b"\x89DCBS\r\n\x1a"
+FORMAT_VERSION = 1
+#: magic, version u16, header size u16, flags u32, volume id (16 bytes), reserved (28), crc u32
+FILE_HEADER = struct.Struct("<8sHHI16s28sI")
+FILE_HEADER_SIZE = FILE_HEADER.size  # 64
+
+RECORD_MAGIC = b"DCBR"
+#: magic, kind u8, reserved u8, reserved u16, payload length u64, meta length u32, meta crc u32,
+#: reserved u32, header crc u32
+RECORD_HEADER = struct.Struct("<4sBBHQIIII")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 32
+
+
+class RecordKind(IntEnum):
+    """What a record holds."""
+
+    INSTANCE = 1
+    TOMBSTONE = 2
+
+
+def crc32(data: bytes | memoryview) -> int:
+    """CRC-32 (ISO-HDLC, as zlib computes it) of ``data``."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def pack_file_header(volume_id: bytes) -> bytes:
+    """Encode the 64-byte file header of a new volume."""
+    body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE, 0, volume_id, b"\0" * 28, 0)
+    return body[:-4] + struct.pack("<I", crc32(body[:-4]))
+
+
+def unpack_file_header(data: bytes) -> bytes:
+    """Validate a file header and return the volume id; raise ``ValueError`` saying what is wrong."""
+    if len(data) < FILE_HEADER_SIZE:
+        raise ValueError("file is shorter than a DCBS file header")
+    magic, version, size, _flags, volume_id, _reserved, crc = FILE_HEADER.unpack_from(data)
+    if magic != FILE_MAGIC:
+        raise ValueError("not a DCBS volume (bad magic)")
+    if crc != crc32(data[: FILE_HEADER_SIZE - 4]):
+        raise ValueError("file header checksum mismatch")
+    if version != FORMAT_VERSION or size != FILE_HEADER_SIZE:
+        raise ValueError(f"unsupported DCBS format version {version}; upgrade dcbnode to read it")
+    return volume_id
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    """The fixed-size header that starts every record."""
+
+    kind: RecordKind
+    payload_length: int
+    meta_length: int
+    meta_crc: int
+
+    @property
+    def total_length(self) -> int:
+        """Length of the whole record, header included."""
+        return RECORD_HEADER_SIZE + self.payload_length
+
+    def pack(self) -> bytes:
+        """Encode the header, checksum included."""
+        body = RECORD_HEADER.pack(RECORD_MAGIC, self.kind, 0, 0, self.payload_length, self.meta_length,
+                                  self.meta_crc, 0, 0)
+        return body[:-4] + struct.pack("<I", crc32(body[:-4]))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> RecordHeader:
+        """Decode and check a record header; raise ``ValueError`` saying what is wrong."""
+        magic, kind, _r1, _r2, payload_length, meta_length, meta_crc, _r3, crc = RECORD_HEADER.unpack_from(data)
+        if magic != RECORD_MAGIC:
+            raise ValueError("bad record magic")
+        if crc != crc32(data[: RECORD_HEADER_SIZE - 4]):
+            raise ValueError("record header checksum mismatch")
+        if meta_length > payload_length:
+            raise ValueError("record metadata longer than its payload")
+        try:
+            record_kind = RecordKind(kind)
+        except ValueError:
+            raise ValueError(f"unknown record kind {kind}") from None
+        return cls(record_kind, payload_length, meta_length, meta_crc)

@@ -1,0 +1,351 @@
+"""Encode one received DICOM instance into a DCBS instance record.
+
+``encode_instance`` is the single entry point used by the library (``load_from_dicom_folder``), the
+node's C-STORE SCP and ``dcbnode-admin import``: one code path for every way data comes in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import ExplicitVRBigEndian
+
+from .dataset_split import SplitDataset, split_dataset
+from .errors import InvalidDatasetError, UndecodablePixelDataError, UnsupportedTransferSyntaxError
+from .pixels import (
+    encode_htj2k_verified,
+    frame_shape,
+    htj2k_eligible,
+    is_canonical,
+    native_dtype,
+    uses_colour_transform,
+    zstd_compress,
+)
+from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource, frame_table, pack_meta
+from .syntaxes import HTJ2K_LOSSLESS_SYNTAXES, TRANSCODED_LOSSLESS_SYNTAXES, is_lossy_syntax, is_storable_syntax
+
+#: PS3.5 9.1 as hospitals meet it: digits and dots, no empty component, at most 64 characters.
+_UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedInstance:
+    """A received instance, ready to append to a volume."""
+
+    meta: InstanceMeta
+    blobs: InstanceBlobs
+    frames: list[bytes]
+    dataset: Dataset  #: the parsed received dataset (for the index's attributes)
+
+    def record_meta(self) -> bytes:
+        """The record's metadata block."""
+        return pack_meta(self.meta, self.blobs)
+
+    @property
+    def stored_length(self) -> int:
+        """Bytes of frame data (the metadata block adds a few KiB)."""
+        return sum(len(frame) for frame in self.frames)
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a syntactically valid UID (digits and dots, ≤ 64 characters)."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_PATTERN.fullmatch(value) is not None
+
+
+def encode_instance(source: bytes | str | Path, *, transfer_syntax: str | None = None) -> EncodedInstance:
+    """Encode Part-10 bytes or a Part-10 file into a record, verifying lossless storage.
+
+    Raises :class:`InvalidDatasetError` (or a subclass) with a reason fit for a DICOM Error Comment when
+    the input cannot be stored faithfully.
+    """
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise InvalidDatasetError(f"cannot read file: {exc.strerror}", source=source) from exc
+        try:
+            return encode_instance(data, transfer_syntax=transfer_syntax)
+        except InvalidDatasetError as exc:
+            raise type(exc)(exc.reason, source=source) from exc
+    split = split_dataset(source, transfer_syntax=transfer_syntax)
+    if not is_storable_syntax(split.transfer_syntax):
+        raise UnsupportedTransferSyntaxError(f"transfer syntax {split.transfer_syntax} is not supported")
+    uids = _required_uids(split.dataset)
+    image, frames, extra = _encode_pixels(split)
+    meta = InstanceMeta(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        instance_number=_int_or_none(split.dataset, "InstanceNumber"),
+        slice_position=_slice_position(split.dataset),
+        received_syntax=str(split.transfer_syntax),
+        received_length=split.received_length,
+        spans=split.spans,
+        image=image,
+        frames=frame_table(frames),
+    )
+    blobs = InstanceBlobs(header=split.header, suffix=split.suffix, file_meta=split.file_meta, **extra)
+    return EncodedInstance(meta, blobs, [data for _, data in frames], split.dataset)
+
+
+def _required_uids(dataset: Dataset) -> dict[str, str]:
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            value = dataset.get(keyword)
+        except Exception as exc:
+            raise InvalidDatasetError(f"{keyword} is unreadable: {exc}") from exc
+        if value is None or value == "":
+            raise InvalidDatasetError(f"{keyword} is missing")
+        if not is_valid_uid(str(value)):
+            raise InvalidDatasetError(f"{keyword} is not a valid UID")
+        uids[keyword] = str(value)
+    return uids
+
+
+def _int_or_none(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _slice_position(dataset: Dataset) -> float | None:
+    try:
+        position = dataset.get("ImagePositionPatient")
+        return float(position[2]) if position and len(position) == 3 else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _image_attribute(dataset: Dataset, keyword: str, default: int | None = None) -> int:
+    try:
+        value = dataset.get(keyword, default)
+        if value is None or value == "":
+            raise InvalidDatasetError(f"{keyword} is missing for pixel data")
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDatasetError(f"{keyword} is not a number") from exc
+
+
+def _base_image_info(split: SplitDataset, pixel: RawDataElement) -> ImageInfo:
+    dataset = split.dataset
+    frames = _image_attribute(dataset, "NumberOfFrames", 1)
+    if frames < 1:
+        raise InvalidDatasetError(f"NumberOfFrames is {frames}")
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    samples = _image_attribute(dataset, "SamplesPerPixel", 1)
+    return ImageInfo(
+        rows=_image_attribute(dataset, "Rows"),
+        columns=_image_attribute(dataset, "Columns"),
+        samples_per_pixel=samples,
+        bits_allocated=_image_attribute(dataset, "BitsAllocated"),
+        bits_stored=_image_attribute(dataset, "BitsStored", dataset.get("BitsAllocated")),
+        pixel_representation=_image_attribute(dataset, "PixelRepresentation", 0),
+        number_of_frames=frames,
+        planar_configuration=_image_attribute(dataset, "PlanarConfiguration", 0) if samples > 1 else None,
+        photometric=photometric,
+        native_photometric=photometric,
+        htj2k_photometric=None,
+        pixel_tag=int(pixel.tag),
+        pixel_vr=_pixel_vr(pixel, dataset),
+        source=PixelSource.NATIVE,
+    )
+
+
+def _pixel_vr(pixel: RawDataElement, dataset: Dataset) -> str:
+    """The pixel data VR; implicit VR input leaves it ambiguous, PS3.5 A.1 and A.4 settle it."""
+    if pixel.VR in ("OB", "OW", "OF", "OD"):
+        return pixel.VR
+    if pixel.tag != 0x7FE00010:
+        return "OF" if pixel.tag == 0x7FE00008 else "OD"
+    if pixel.length == 0xFFFFFFFF:
+        return "OB"
+    return "OW" if int(dataset.get("BitsAllocated", 16) or 16) > 8 else "OB"
+
+
+def _encode_pixels(split: SplitDataset) -> tuple[ImageInfo | None, list[tuple[str, bytes]], dict[str, bytes]]:
+    pixel = split.pixel_element
+    if pixel is None:
+        return None, [], {}
+    image = _base_image_info(split, pixel)
+    if image.rows < 1 or image.columns < 1:
+        raise InvalidDatasetError("Rows and Columns must be positive for pixel data")
+    if pixel.length == 0xFFFFFFFF:
+        return _encode_encapsulated(split, image, pixel.value or b"")
+    return _encode_native(split, image, pixel.value or b"")
+
+
+# -- native pixel data ----------------------------------------------------------------------------------
+
+
+def _encode_native(
+    split: SplitDataset, image: ImageInfo, value: bytes
+) -> tuple[ImageInfo, list[tuple[str, bytes]], dict[str, bytes]]:
+    dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
+    if split.transfer_syntax == ExplicitVRBigEndian:
+        value = _little_endian(value, image)
+    expected = _expected_length(split.dataset)
+    _check_length(value, expected)
+    if dtype is None:  # 1-bit: frames are not byte aligned, keep the whole value as one blob
+        return replace(image, packed=True), [(Codec.ZSTD, zstd_compress(value))], {}
+    samples = image.rows * image.columns * image.samples_per_pixel
+    frame_length = expected // image.number_of_frames
+    colour_transform = uses_colour_transform(image.samples_per_pixel, image.photometric)
+    use_htj2k = htj2k_eligible(dtype, image.samples_per_pixel, image.photometric)
+    frames: list[tuple[str, bytes]] = []
+    for index in range(image.number_of_frames):
+        offset = index * frame_length
+        codestream = None
+        if use_htj2k:
+            flat = np.frombuffer(value, dtype=dtype, count=samples, offset=offset)
+            if is_canonical(flat, image.bits_stored):
+                codestream = encode_htj2k_verified(_interleaved(flat, image), colour_transform)
+        if codestream is None:
+            frames.append((Codec.ZSTD, zstd_compress(memoryview(value)[offset : offset + frame_length])))
+        else:
+            frames.append((Codec.HTJ2K, codestream))
+    all_htj2k = all(codec == Codec.HTJ2K for codec, _ in frames)
+    htj2k_photometric = ("YBR_RCT" if colour_transform else image.photometric) if all_htj2k else None
+    tail = value[frame_length * image.number_of_frames :]
+    return replace(image, htj2k_photometric=htj2k_photometric), frames, {"native_tail": tail}
+
+
+def _little_endian(value: bytes, image: ImageInfo) -> bytes:
+    """Big endian input: swap each sample, or each 16-bit word of 8-bit data held as OW."""
+    size = {"OB": 1, "OF": 4, "OD": 8}.get(image.pixel_vr, max(2, image.bits_allocated // 8))
+    if image.bits_allocated == 1:
+        size = 2 if image.pixel_vr == "OW" else 1
+    if size == 1:
+        return value
+    usable = len(value) - len(value) % size
+    swapped = np.frombuffer(value, dtype=f">u{size}", count=usable // size).astype(f"<u{size}")
+    return swapped.tobytes() + value[usable:]
+
+
+def _expected_length(dataset: Dataset) -> int:
+    try:
+        return get_expected_length(dataset, unit="bytes")
+    except Exception as exc:
+        raise InvalidDatasetError(f"Image Pixel attributes are inconsistent: {exc}") from exc
+
+
+def _check_length(value: bytes, expected: int) -> None:
+    if len(value) < expected:
+        raise InvalidDatasetError(f"Pixel Data has {len(value)} bytes, its attributes require {expected}")
+
+
+def _interleaved(flat: np.ndarray, image: ImageInfo) -> np.ndarray:
+    if image.samples_per_pixel > 1 and image.planar_configuration == 1:
+        return flat.reshape(image.samples_per_pixel, image.rows, image.columns).transpose(1, 2, 0)
+    return flat.reshape(frame_shape(image.rows, image.columns, image.samples_per_pixel))
+
+
+# -- encapsulated pixel data ----------------------------------------------------------------------------
+
+
+def _encode_encapsulated(
+    split: SplitDataset, image: ImageInfo, value: bytes
+) -> tuple[ImageInfo, list[tuple[str, bytes]], dict[str, bytes]]:
+    basic_offsets, fragmented = _split_fragments(split.dataset, image, value)
+    syntax = split.transfer_syntax
+    codestreams = [b"".join(fragments) for fragments in fragmented]
+    original = replace(image, source=PixelSource.ORIGINAL,
+                       fragments=[[len(f) for f in fragments] for fragments in fragmented])
+    extra = {"basic_offsets": basic_offsets}
+    keep = [(Codec.ORIGINAL, codestream) for codestream in codestreams]
+    if is_lossy_syntax(syntax):
+        decoded_photometric = _check_decodable(split.dataset, syntax, raw=False)
+        return replace(original, native_photometric=decoded_photometric), keep, extra
+    if syntax in HTJ2K_LOSSLESS_SYNTAXES:
+        return _keep_htj2k(split, image, original, codestreams, keep, extra)
+    if syntax in TRANSCODED_LOSSLESS_SYNTAXES:
+        return _transcode(split, image, original, keep, extra)
+    raise UnsupportedTransferSyntaxError(f"transfer syntax {syntax} is not supported")
+
+
+def _split_fragments(dataset: Dataset, image: ImageInfo, value: bytes) -> tuple[bytes, list[tuple[bytes, ...]]]:
+    """The Basic Offset Table and each frame's fragments, checked to cover the value exactly."""
+    if value[:4] != _ITEM_TAG:
+        raise InvalidDatasetError("encapsulated Pixel Data does not start with a Basic Offset Table item")
+    table_length = int.from_bytes(value[4:8], "little")
+    basic_offsets = value[8 : 8 + table_length]
+    extended = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+    try:
+        fragmented = list(generate_fragmented_frames(value, number_of_frames=image.number_of_frames,
+                                                     extended_offsets=extended))
+    except Exception as exc:
+        raise InvalidDatasetError(f"encapsulated Pixel Data is malformed: {exc}") from exc
+    if len(fragmented) != image.number_of_frames:
+        raise InvalidDatasetError(
+            f"encapsulated Pixel Data holds {len(fragmented)} frames, NumberOfFrames says {image.number_of_frames}")
+    covered = 8 + table_length + sum(8 + len(f) for fragments in fragmented for f in fragments)
+    if covered != len(value):
+        raise InvalidDatasetError("encapsulated Pixel Data has bytes outside its fragments")
+    return basic_offsets, fragmented
+
+
+def _decoded_frames(dataset: Dataset, syntax: str, *, raw: bool):
+    try:
+        yield from get_decoder(syntax).iter_array(dataset, raw=raw)
+    except Exception as exc:  # every decoding plugin raises its own types
+        raise UndecodablePixelDataError(f"compressed frame cannot be decoded: {exc}") from exc
+
+
+def _check_decodable(dataset: Dataset, syntax: str, *, raw: bool) -> str:
+    """Decode every frame once; return the photometric interpretation of the decoded pixels."""
+    photometric = ""
+    for _, info in _decoded_frames(dataset, syntax, raw=raw):
+        photometric = str(info.get("photometric_interpretation", ""))
+    return photometric
+
+
+def _keep_htj2k(split, image, original, codestreams, keep, extra):
+    """HTJ2K lossless input: keep its codestreams when our decoder agrees with pydicom's."""
+    frames = []
+    photometric = image.photometric
+    for codestream, (array, info) in zip(codestreams, _decoded_frames(split.dataset, split.transfer_syntax,
+                                                                      raw=True), strict=True):
+        photometric = str(info.get("photometric_interpretation", photometric))
+        import imagecodecs
+
+        ours = imagecodecs.htj2k_decode(codestream)
+        if ours.shape != array.shape or not np.array_equal(ours, array):
+            return replace(original, native_photometric=photometric), keep, extra
+        frames.append((Codec.HTJ2K, codestream))
+    info = replace(image, source=PixelSource.HTJ2K, native_photometric=photometric,
+                   htj2k_photometric=image.photometric)
+    return info, frames, {}
+
+
+def _transcode(split, image, original, keep, extra):
+    """Lossless legacy input: decode, re-encode as HTJ2K lossless, verify; else keep the original."""
+    frames = []
+    photometric = image.photometric
+    for array, info in _decoded_frames(split.dataset, split.transfer_syntax, raw=True):
+        photometric = str(info.get("photometric_interpretation", photometric))
+        colour_transform = uses_colour_transform(image.samples_per_pixel, photometric)
+        codestream = None
+        if htj2k_eligible(array.dtype, image.samples_per_pixel, photometric):
+            codestream = encode_htj2k_verified(array, colour_transform)
+        if codestream is None:
+            return replace(original, native_photometric=photometric), keep, extra
+        frames.append((Codec.HTJ2K, codestream))
+    htj2k_photometric = "YBR_RCT" if uses_colour_transform(image.samples_per_pixel, photometric) else photometric
+    info = replace(image, source=PixelSource.TRANSCODED, native_photometric=photometric,
+                   htj2k_photometric=htj2k_photometric, planar_configuration=0 if image.samples_per_pixel > 1
+                   else None)
+    return info, frames, {}

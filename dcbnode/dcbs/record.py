@@ -1,0 +1,179 @@
+"""What an instance record holds, and how its metadata block is laid out.
+
+An instance record's payload is a metadata block followed by the frame data.  The metadata block is
+``u32 json_length``, a UTF-8 JSON object (:class:`InstanceMeta`), then the binary blobs the JSON
+describes: the zstd-compressed dataset header, the original file meta, and a few small byte strings
+needed to rebuild the original Pixel Data element exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+
+import zstandard
+
+from .format import crc32
+
+_JSON_LENGTH = struct.Struct("<I")
+#: zstd level for headers: they are small, and level 9 stays well under a millisecond.
+_HEADER_ZSTD_LEVEL = 9
+
+
+class Codec:
+    """Names of the per-frame codecs (the ``codec`` field of a frame entry)."""
+
+    HTJ2K = "htj2k"  #: HTJ2K lossless codestream of the stored values
+    ZSTD = "zstd"  #: zstd of the native little-endian frame bytes
+    ORIGINAL = "original"  #: the original (lossy) encapsulated fragments, concatenated, byte for byte
+
+
+class PixelSource:
+    """How the stored frames relate to what was received."""
+
+    NATIVE = "native"  #: received uncompressed
+    TRANSCODED = "transcoded"  #: received in a lossless compressed syntax, decoded, verified
+    HTJ2K = "htj2k"  #: received as HTJ2K lossless: codestreams kept as they came
+    ORIGINAL = "original"  #: received lossy: codestreams kept as they came
+
+
+@dataclass(frozen=True, slots=True)
+class FrameEntry:
+    """One stored frame: ``offset`` is relative to the end of the metadata block."""
+
+    offset: int
+    length: int
+    crc: int
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """The Image Pixel attributes and where the pixels came from.
+
+    ``photometric`` is the value in the stored header; ``native_photometric`` the one that describes
+    decoded (native) pixels; ``htj2k_photometric`` the one for HTJ2K output (YBR_RCT when the colour
+    transform was used), or None when the frames cannot be served as HTJ2K.
+    """
+
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    number_of_frames: int
+    planar_configuration: int | None
+    photometric: str
+    native_photometric: str
+    htj2k_photometric: str | None
+    pixel_tag: int
+    pixel_vr: str
+    source: str
+    #: original fragment lengths per frame, to rebuild encapsulated Pixel Data byte for byte
+    fragments: list[list[int]] | None = None
+    #: frames hold the whole Pixel Data value as one zstd blob (1-bit data is not byte aligned per frame)
+    packed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceMeta:
+    """Everything about an instance except its frame data."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    instance_number: int | None
+    slice_position: float | None
+    received_syntax: str
+    received_length: int
+    #: [start, end) of top-level header elements that some output forms replace, by "ggggeeee" key
+    spans: dict[str, list[int]]
+    image: ImageInfo | None
+    frames: list[FrameEntry] = field(default_factory=list)
+    blob_lengths: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_image(self) -> bool:
+        """True when the instance has pixel data."""
+        return self.image is not None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceBlobs:
+    """The binary parts of the metadata block, uncompressed."""
+
+    #: dataset elements before the pixel data element, Explicit VR Little Endian
+    header: bytes
+    #: dataset elements after the pixel data element, Explicit VR Little Endian
+    suffix: bytes = b""
+    #: the received file meta group (without preamble), as received
+    file_meta: bytes = b""
+    #: the original Basic Offset Table item value (encapsulated input kept as original)
+    basic_offsets: bytes = b""
+    #: bytes of a native Pixel Data value beyond the last frame (padding, trailing junk), kept verbatim
+    native_tail: bytes = b""
+
+
+_BLOB_ORDER = ("header", "suffix", "file_meta", "basic_offsets", "native_tail")
+
+
+def pack_meta(meta: InstanceMeta, blobs: InstanceBlobs) -> bytes:
+    """Encode the metadata block (the header blob is zstd-compressed here)."""
+    values = {
+        "header": zstandard.ZstdCompressor(level=_HEADER_ZSTD_LEVEL).compress(blobs.header),
+        "suffix": blobs.suffix,
+        "file_meta": blobs.file_meta,
+        "basic_offsets": blobs.basic_offsets,
+        "native_tail": blobs.native_tail,
+    }
+    lengths = {name: len(values[name]) for name in _BLOB_ORDER}
+    document = asdict(meta)
+    document["blob_lengths"] = lengths
+    encoded = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+    return b"".join([_JSON_LENGTH.pack(len(encoded)), encoded, *(values[name] for name in _BLOB_ORDER)])
+
+
+def unpack_meta(block: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
+    """Decode a metadata block written by :func:`pack_meta`; raises ``ValueError`` if malformed."""
+    if len(block) < _JSON_LENGTH.size:
+        raise ValueError("metadata block too short")
+    (json_length,) = _JSON_LENGTH.unpack_from(block)
+    start = _JSON_LENGTH.size
+    document = json.loads(block[start : start + json_length])
+    image = document.pop("image")
+    frames = [FrameEntry(**entry) for entry in document.pop("frames")]
+    meta = InstanceMeta(**document, image=ImageInfo(**image) if image else None, frames=frames)
+    position = start + json_length
+    values: dict[str, bytes] = {}
+    for name in _BLOB_ORDER:
+        length = meta.blob_lengths.get(name, 0)
+        values[name] = block[position : position + length]
+        position += length
+    if position != len(block):
+        raise ValueError("metadata block length does not match its blobs")
+    values["header"] = zstandard.ZstdDecompressor().decompress(values["header"])
+    return meta, InstanceBlobs(**values)
+
+
+def frame_table(frames: list[tuple[str, bytes]]) -> list[FrameEntry]:
+    """Lay out ``(codec, data)`` frames one after the other and checksum each."""
+    entries = []
+    offset = 0
+    for codec, data in frames:
+        entries.append(FrameEntry(offset, len(data), crc32(data), codec))
+        offset += len(data)
+    return entries
+
+
+def pack_tombstone(sop_instance_uid: str, series_instance_uid: str, deleted_at: str) -> bytes:
+    """Metadata block of a tombstone record: the instance is deleted from this volume."""
+    return json.dumps({"sop_instance_uid": sop_instance_uid, "series_instance_uid": series_instance_uid,
+                       "deleted_at": deleted_at}, sort_keys=True).encode()
+
+
+def unpack_tombstone(block: bytes) -> dict[str, str]:
+    """Decode a tombstone metadata block."""
+    return json.loads(block)

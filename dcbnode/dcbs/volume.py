@@ -1,0 +1,321 @@
+"""A DCBS volume file: an append-only sequence of checksummed records.
+
+Writers take an exclusive ``flock`` for the duration of an append, so that several threads and
+several processes (the node and ``dcbnode-admin import``) can append to one volume safely.  Readers
+never lock: records never change once written, and every read is checked against its CRC.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from .errors import CorruptRecordError, DcbsError, DcbsFormatError
+from .format import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    RecordHeader,
+    RecordKind,
+    crc32,
+    pack_file_header,
+    unpack_file_header,
+)
+
+T = TypeVar("T")
+_ZERO_CHECK_CHUNK = 1 << 20
+
+
+class VolumeFullError(DcbsError):
+    """The file system refused the write (disk full, quota): nothing was appended."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLocation:
+    """Where a record lives in its volume: byte offset of its header and its total length."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEntry:
+    """A record found while walking a volume."""
+
+    location: RecordLocation
+    header: RecordHeader
+
+
+class Volume:
+    """An open DCBS volume.
+
+    Use :meth:`open` to read or append, :meth:`create` to make a new one.  The object is safe to share
+    between threads.
+    """
+
+    def __init__(self, path: Path, fd: int, writable: bool, volume_id: bytes) -> None:
+        self.path = path
+        self.volume_id = volume_id
+        self.writable = writable
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._known_end = FILE_HEADER_SIZE
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False, create: bool = False) -> Volume:
+        """Open the volume at ``path``; with ``create`` make it first if it does not exist.
+
+        A writable open repairs a torn tail (an append cut short by a crash) before returning.
+        Raises :class:`DcbsFormatError` if the file is not a DCBS volume.
+        """
+        path = Path(path)
+        if create and not path.exists():
+            _create_file(path)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise DcbsFormatError(f"{path}: no such volume") from None
+        try:
+            volume_id = _read_file_header(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        volume = cls(path, fd, writable, volume_id)
+        if writable:
+            with volume._locked():
+                volume._refresh_end()
+        return volume
+
+    def close(self) -> None:
+        """Close the file descriptor; the object must not be used afterwards."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Current size of the file in bytes."""
+        return os.fstat(self._fd).st_size
+
+    def read_exact(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; a short read means the file was cut and raises."""
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise CorruptRecordError(self.path, offset, f"file ends {length - len(data)} bytes early")
+        return data
+
+    def read_header(self, offset: int) -> RecordHeader:
+        """Read and check the record header at ``offset``."""
+        try:
+            return RecordHeader.unpack(self.read_exact(offset, RECORD_HEADER_SIZE))
+        except ValueError as exc:
+            raise CorruptRecordError(self.path, offset, str(exc)) from None
+
+    def read_meta(self, offset: int) -> tuple[RecordHeader, bytes]:
+        """Read the header and the checked metadata block of the record at ``offset``."""
+        header = self.read_header(offset)
+        meta = self.read_exact(offset + RECORD_HEADER_SIZE, header.meta_length)
+        if crc32(meta) != header.meta_crc:
+            raise CorruptRecordError(self.path, offset, "record metadata checksum mismatch")
+        return header, meta
+
+    def read_checked(self, offset: int, length: int, crc: int, *, record_offset: int) -> bytes:
+        """Read a checksummed piece of a record (a frame) and verify it."""
+        data = self.read_exact(offset, length)
+        if crc32(data) != crc:
+            raise CorruptRecordError(self.path, record_offset, f"frame data at offset {offset} checksum mismatch")
+        return data
+
+    def records(self) -> Iterator[RecordEntry]:
+        """Walk every complete record from the start, hopping from header to header.
+
+        Stops silently at a torn tail; raises :class:`CorruptRecordError` on damage elsewhere.
+        """
+        yield from self._walk(FILE_HEADER_SIZE, self.size())
+
+    def walk_from(self, offset: int) -> Iterator[RecordEntry]:
+        """Walk the complete records that start at or after ``offset`` (a record boundary)."""
+        yield from self._walk(max(offset, FILE_HEADER_SIZE), self.size())
+
+    # -- appending -------------------------------------------------------------------------------------
+
+    def append(
+        self,
+        kind: RecordKind,
+        meta: bytes,
+        data_parts: Sequence[bytes | memoryview] = (),
+        *,
+        on_durable: Callable[[RecordLocation], T] | None = None,
+    ) -> tuple[RecordLocation, T | None]:
+        """Append one record, fsync it, and return its location.
+
+        ``on_durable`` runs after the fsync while the volume is still locked (the archive commits its
+        index there, so index order follows volume order).  If it raises, the record is cut off again
+        and the exception propagates: a failed store leaves nothing behind.
+        """
+        if not self.writable:
+            raise DcbsError(f"{self.path}: volume is open read-only")
+        payload_length = len(meta) + sum(len(part) for part in data_parts)
+        header = RecordHeader(kind, payload_length, len(meta), crc32(meta)).pack()
+        with self._locked():
+            start = self._refresh_end()
+            try:
+                position = start
+                for part in (header, meta, *data_parts):
+                    position = self._write_all(part, position)
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._cut(start)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise VolumeFullError(f"{self.path}: cannot append: {exc.strerror}") from exc
+                raise
+            location = RecordLocation(start, position - start)
+            result = None
+            if on_durable is not None:
+                try:
+                    result = on_durable(location)
+                except BaseException:
+                    self._cut(start)
+                    raise
+            self._known_end = position
+            return location, result
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _locked(self) -> _VolumeLock:
+        return _VolumeLock(self._lock, self._fd)
+
+    def _write_all(self, data: bytes | memoryview, position: int) -> int:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, position)
+            view = view[written:]
+            position += written
+        return position
+
+    def _cut(self, offset: int) -> None:
+        """Truncate the file back to ``offset`` (a record boundary) and make that durable."""
+        os.ftruncate(self._fd, offset)
+        os.fsync(self._fd)
+        self._known_end = offset
+
+    def _refresh_end(self) -> int:
+        """Find the end of the last complete record (others may have appended); cut a torn tail.
+
+        Must be called with the volume locked.
+        """
+        size = self.size()
+        end = self._known_end
+        if size == end:
+            return end
+        for entry in self._walk(end, size):
+            end = entry.location.offset + entry.location.length
+        if end != size:
+            self._cut(end)
+        self._known_end = end
+        return end
+
+    def _walk(self, start: int, size: int) -> Iterator[RecordEntry]:
+        position = start
+        while position < size:
+            remaining = size - position
+            if remaining < RECORD_HEADER_SIZE:
+                return  # a header cut short by a crash
+            raw = self.read_exact(position, RECORD_HEADER_SIZE)
+            try:
+                header = RecordHeader.unpack(raw)
+            except ValueError as exc:
+                if self._is_zero_filled(position, size):
+                    return  # space allocated by a crashed write but never filled
+                raise CorruptRecordError(self.path, position, str(exc)) from None
+            if header.total_length > remaining:
+                return  # payload cut short by a crash
+            yield RecordEntry(RecordLocation(position, header.total_length), header)
+            position += header.total_length
+
+    def _is_zero_filled(self, start: int, end: int) -> bool:
+        position = start
+        while position < end:
+            chunk = os.pread(self._fd, min(_ZERO_CHECK_CHUNK, end - position), position)
+            if not chunk or chunk.count(0) != len(chunk):
+                return False
+            position += len(chunk)
+        return True
+
+
+class _VolumeLock:
+    """Thread lock plus an exclusive ``flock``: one appender at a time, across processes."""
+
+    def __init__(self, lock: threading.Lock, fd: int) -> None:
+        self._lock = lock
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+
+def _read_file_header(path: Path, fd: int) -> bytes:
+    data = os.pread(fd, FILE_HEADER_SIZE, 0)
+    try:
+        return unpack_file_header(data)
+    except ValueError as exc:
+        raise DcbsFormatError(f"{path}: {exc}") from None
+
+
+def _create_file(path: Path) -> None:
+    """Create a volume atomically: a complete header appears under ``path`` or nothing does.
+
+    The header is written to a temporary file, synced, then hard-linked into place; ``link`` fails if
+    another process won the race, in which case its volume is used.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, pack_file_header(uuid.uuid4().bytes))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a directory's entries (a new or renamed file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
