@@ -27,7 +27,6 @@ import re
 import struct
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import imagecodecs
@@ -87,6 +86,8 @@ def _parse_codestream(cs: bytes) -> tuple[int, int, int, bool]:
                 break
             if marker == 0xFF52:
                 cod = struct.unpack_from(">BBHBBBBBB", cs, pos + 4)
+            if marker == 0xFF53:  # COC could make a component irreversible; OpenJPH never writes one
+                raise DcbsFormatError("per-component coding styles (COC) are not supported")
             has_cap |= marker == 0xFF50
             pos += 2 + length
     except struct.error as exc:
@@ -173,8 +174,13 @@ def _first_number(ds: Dataset, keyword: str, default: float) -> float:
 class DiCubeReader:
     """Serve the slices of a DiCube 0.3.0 ``.dcbs`` volume as DICOM Part-10 bytes.
 
-    All metadata is read and checked when the reader is opened; frames are read on demand.  The reader is
-    safe to share between threads (positional reads, no shared file position).
+    All metadata is read and checked when the reader is opened; frames are read and decoded on demand.
+    The reader is safe to share between threads (positional reads, no shared file position).
+
+    Attributes:
+        path: the volume's path.
+        dicom_status: DiCube's verdict on the series when it wrote the volume ("consistent",
+            "missing_spacing", ...), informative only.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -227,6 +233,8 @@ class DiCubeReader:
         self._frames = list(zip(offsets, lengths, strict=True))
 
         self.dicom_status = self._text(self._read(*sections["status"], size), "status")
+        if not re.fullmatch(r"[a-z_]*", self.dicom_status):  # DiCube's DicomStatus enum values
+            raise DcbsFormatError(f"invalid status {self.dicom_status[:40]!r}")
         space = self._read(*sections["space"], size)
         if space:
             self._json(space, "space")
@@ -248,6 +256,7 @@ class DiCubeReader:
         if meta.get("slice_count") != count:
             raise DcbsFormatError(f"metadata describes {meta.get('slice_count')!r} slices, file has {count}")
         self._merged: dict[str, Any] = meta["_merged_data"]
+        _slice_json(self._merged, 0, count)  # checks the structure (and per-slice counts) of every entry
 
     def _read(self, offset: int, length: int, size: int | None = None) -> bytes:
         """Read exactly ``length`` bytes at ``offset`` (checked against ``size`` when given)."""
@@ -260,6 +269,7 @@ class DiCubeReader:
 
     @staticmethod
     def _text(data: bytes, what: str) -> str:
+        """Decode a UTF-8 section named ``what``."""
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -267,6 +277,7 @@ class DiCubeReader:
 
     @classmethod
     def _json(cls, data: bytes, what: str) -> Any:
+        """Parse a UTF-8 JSON section named ``what``."""
         try:
             return json.loads(cls._text(data, what))
         except json.JSONDecodeError as exc:
@@ -274,6 +285,7 @@ class DiCubeReader:
 
     @staticmethod
     def _decompress(blob: bytes) -> bytes:
+        """Decompress the zstd metadata, refusing implausible sizes (decompression bombs)."""
         try:
             size = zstandard.frame_content_size(blob)
             if size > _MAX_METADATA_BYTES:
@@ -290,10 +302,11 @@ class DiCubeReader:
                 self._fd = -1
 
     def __enter__(self) -> DiCubeReader:
+        """Return the reader itself."""
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the reader."""
         self.close()
 
     def get_frame_count(self) -> int:
@@ -320,7 +333,7 @@ class DiCubeReader:
             IndexError: ``index`` is out of range.
             DcbsFormatError: the frame or its metadata is damaged or unsupported.
         """
-        if not 0 <= index < self._count:
+        if not 0 <= index < self._count:  # also refuses negative indexes, which DiCube refuses too
             raise IndexError(f"frame {index} out of range [0, {self._count})")
         try:
             return self._build(index, force_uncompressed)
@@ -381,10 +394,9 @@ class DiCubeReader:
         old_slope = _first_number(ds, "RescaleSlope", 1.0)
         old_intercept = _first_number(ds, "RescaleIntercept", 0.0)
         had_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
-        # DiCube stored round((stored * old_slope + old_intercept - intercept) / slope); MONOCHROME1 stays
-        # right as long as that mapping is increasing.
-        increasing = old_slope > 0 and self._slope > 0
-        mono1 = ds.get("PhotometricInterpretation") == "MONOCHROME1" and increasing
+        # DiCube stored (stored * old_slope + old_intercept - intercept) / slope (truncated when not exact):
+        # MONOCHROME1 stays right as long as that mapping is increasing.
+        mono1 = ds.get("PhotometricInterpretation") == "MONOCHROME1" and old_slope > 0 and self._slope > 0
         padding = [_first_number(ds, kw, math.nan) for kw in ("PixelPaddingValue", "PixelPaddingRangeLimit")]
         for tag in (*_STALE_PIXEL_VALUE_TAGS, *_PADDING_TAGS, 0x00280006, 0x00280008, 0x7FE00010):
             ds.pop(tag, None)

@@ -7,6 +7,7 @@ node's C-STORE SCP and ``dcbnode-admin import``: one code path for every way dat
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -298,11 +299,19 @@ def _split_fragments(dataset: Dataset, image: ImageInfo, value: bytes) -> tuple[
     return basic_offsets, fragmented
 
 
-def _decoded_frames(dataset: Dataset, syntax: str, *, raw: bool):
-    try:
-        yield from get_decoder(syntax).iter_array(dataset, raw=raw)
-    except Exception as exc:  # every decoding plugin raises its own types
-        raise UndecodablePixelDataError(f"compressed frame cannot be decoded: {exc}") from exc
+def _decoded_frames(dataset: Dataset, syntax: str, *, raw: bool) -> Iterator[tuple[np.ndarray, dict]]:
+    """Decode frame by frame with pydicom's decoder registry (GDCM, pylibjpeg).
+
+    ``as_array`` per index rather than ``iter_array``: the latter fails outright on some files
+    (a read-only output buffer with the GDCM plugin) that ``as_array`` decodes.
+    """
+    decoder = get_decoder(syntax)
+    frames = _image_attribute(dataset, "NumberOfFrames", 1)
+    for index in range(frames):
+        try:
+            yield decoder.as_array(dataset, index=index, raw=raw)
+        except Exception as exc:  # every decoding plugin raises its own types
+            raise UndecodablePixelDataError(f"compressed frame {index} cannot be decoded: {exc}") from exc
 
 
 def _check_decodable(dataset: Dataset, syntax: str, *, raw: bool) -> str:

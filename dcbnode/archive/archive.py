@@ -1,0 +1,182 @@
+"""Storing instances durably into series volumes and indexing them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from ..dcbs import (
+    DcbsError,
+    EncodedInstance,
+    RecordLocation,
+    StoredInstance,
+    append_instance,
+    append_tombstone,
+    encode_instance,
+)
+from ..index import Index
+from ..index.attributes import index_attributes
+from ..index.writer import (
+    RecordPlacement,
+    advance_indexed_end,
+    find_instance,
+    remove_instance,
+    upsert_instance,
+)
+from .pool import VolumePool
+
+log = logging.getLogger(__name__)
+
+VOLUMES_DIR = "volumes"
+DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
+
+
+def volume_path_for(series_instance_uid: str) -> str:
+    """Relative path of a series' volume: a hash of the UID, never the raw UID."""
+    digest = hashlib.sha256(series_instance_uid.encode("ascii")).hexdigest()[:40]
+    return f"{VOLUMES_DIR}/{digest[:2]}/{digest[2:4]}/{digest}.dcbs"
+
+
+class StoreOutcome(Enum):
+    """What a store did."""
+
+    STORED = "stored"
+    REPLACED = "replaced"  #: a duplicate replaced the earlier copy (policy "replace")
+    DUPLICATE_IGNORED = "duplicate ignored"  #: a duplicate was discarded (policy "keep_first")
+
+
+class DuplicateInstanceError(DcbsError):
+    """The SOP Instance UID is already stored and the policy is "reject"."""
+
+
+class _DuplicateFound(Exception):
+    """Raised inside the index commit to cut back a record whose UID turned out to exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The outcome of :meth:`Archive.store`."""
+
+    outcome: StoreOutcome
+    sop_instance_uid: str
+    sop_class_uid: str
+    received_bytes: int
+    stored_bytes: int
+
+
+class Archive:
+    """Volumes under ``data_dir/volumes`` and their index."""
+
+    def __init__(self, data_dir: Path, database_url: str, *, duplicate_policy: str = "keep_first") -> None:
+        if duplicate_policy not in DUPLICATE_POLICIES:
+            raise ValueError(f"unknown duplicate policy {duplicate_policy!r}")
+        self.data_dir = Path(data_dir)
+        self.duplicate_policy = duplicate_policy
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / VOLUMES_DIR).mkdir(exist_ok=True)
+        self.index = Index(database_url)
+        self.index.create_schema()
+        self.volumes = VolumePool()
+
+    def close(self) -> None:
+        """Close volumes and database connections."""
+        self.volumes.close()
+        self.index.dispose()
+
+    def volume_file(self, relative_path: str) -> Path:
+        """Absolute path of a volume from its index path."""
+        return self.data_dir / relative_path
+
+    # -- ingest ----------------------------------------------------------------------------------------
+
+    def store(self, data: bytes, *, source_ae_title: str = "", transfer_syntax: str | None = None) -> StoreResult:
+        """Store Part-10 bytes; returns only once the instance is fsynced and committed in the index.
+
+        Raises :class:`~dcbnode.dcbs.InvalidDatasetError` for input that cannot be stored faithfully,
+        :class:`DuplicateInstanceError` under the "reject" policy, and
+        :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
+        """
+        encoded = encode_instance(data, transfer_syntax=transfer_syntax)
+        meta = encoded.meta
+        result = StoreResult(StoreOutcome.STORED, meta.sop_instance_uid, meta.sop_class_uid,
+                             meta.received_length, encoded.stored_length)
+        if self._known(meta.sop_instance_uid):
+            if self.duplicate_policy == "keep_first":
+                return _with(result, StoreOutcome.DUPLICATE_IGNORED)
+            if self.duplicate_policy == "reject":
+                raise DuplicateInstanceError(f"SOP Instance {meta.sop_instance_uid} is already stored")
+        relative = volume_path_for(meta.series_instance_uid)
+        try:
+            with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
+                _, previous = append_instance(
+                    volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title))
+        except _DuplicateFound:  # a concurrent store of the same UID won the race
+            return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax)
+        if previous is None:
+            return result
+        if previous != relative:  # replaced a copy filed under another series: delete it there
+            self._tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
+        return _with(result, StoreOutcome.REPLACED)
+
+    def _known(self, sop_instance_uid: str) -> bool:
+        with self.index.session() as session:
+            return find_instance(session, sop_instance_uid) is not None
+
+    def _index(self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str) -> str | None:
+        """Commit the index rows of a durable record; returns the replaced copy's volume, if any."""
+        meta = encoded.meta
+        placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,
+                                    location.length, meta.received_syntax, source_ae_title[:16])
+        with self.index.session() as session:
+            current = find_instance(session, meta.sop_instance_uid)
+            if current is not None and self.duplicate_policy != "replace":
+                raise _DuplicateFound
+            previous = current.volume.path if current is not None else None
+            upsert_instance(session, index_attributes(encoded.dataset), placement)
+        return previous
+
+    def _tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
+        with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
+            append_tombstone(volume, sop_instance_uid, series_instance_uid)
+
+    # -- retrieval -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def open_instance(self, sop_instance_uid: str) -> Iterator[StoredInstance]:
+        """The stored record of an instance, read and checked (raises KeyError if not indexed)."""
+        with self.index.session() as session:
+            row = find_instance(session, sop_instance_uid)
+            if row is None:
+                raise KeyError(sop_instance_uid)
+            relative, offset = row.volume.path, row.record_offset
+        with self.volumes.borrow(self.volume_file(relative), writable=False) as volume:
+            yield StoredInstance.read(volume, offset)
+
+    # -- deletion --------------------------------------------------------------------------------------
+
+    def delete_instance(self, sop_instance_uid: str) -> bool:
+        """Delete an instance: a tombstone in its volume, then its index rows."""
+        with self.index.session() as session:
+            row = find_instance(session, sop_instance_uid)
+            if row is None:
+                return False
+            relative, series_uid = row.volume.path, row.series.series_instance_uid
+        with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
+            append_tombstone(volume, sop_instance_uid, series_uid,
+                             on_durable=lambda location: self._unindex(sop_instance_uid, relative, location))
+        return True
+
+    def _unindex(self, sop_instance_uid: str, relative: str, location: RecordLocation) -> None:
+        with self.index.session() as session:
+            remove_instance(session, sop_instance_uid)
+            advance_indexed_end(session, relative, location.offset + location.length)
+
+
+def _with(result: StoreResult, outcome: StoreOutcome) -> StoreResult:
+    return StoreResult(outcome, result.sop_instance_uid, result.sop_class_uid, result.received_bytes,
+                       result.stored_bytes)

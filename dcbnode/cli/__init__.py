@@ -1,0 +1,1 @@
+"""Command-line programs: thin argument parsing over the library."""

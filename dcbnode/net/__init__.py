@@ -1,0 +1,1 @@
+"""The DICOM network services (pynetdicom handlers); the only package that imports pynetdicom."""
