@@ -4,8 +4,7 @@ How the tests get DiCube: dcbnode must not depend on ``dicube``, so it is *not* 
 environment (which would also hide an accidental ``import dicube``).  It lives in its own virtualenv that
 sees the main site-packages (pydicom, numpy, zstandard; it adds only dicube and spacetransformer-core):
 
-    python -m venv /tmp/dicube-venv --system-site-packages
-    /tmp/dicube-venv/bin/pip install dicube==0.3.0
+    scripts/install-test-deps   (creates ~/.cache/dcbnode/dicube-venv with dicube==0.3.0)
 
 The tests run that interpreter (``$DICUBE_PYTHON`` overrides the path) in a subprocess to write volumes
 from real DICOM series and to dump what DiCube's own readers return for each frame.  Without it the tests
@@ -35,9 +34,9 @@ from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 from dcbnode.dcbs.dicube_compat import DiCubeReader, is_dicube_file
 from dcbnode.dcbs.errors import DcbsFormatError
 
-DICUBE_PYTHON = os.environ.get("DICUBE_PYTHON", "/tmp/dicube-venv/bin/python")
-INSTALL_HINT = ("python -m venv /tmp/dicube-venv --system-site-packages && "
-                "/tmp/dicube-venv/bin/pip install dicube==0.3.0")
+DICUBE_PYTHON = os.environ.get("DICUBE_PYTHON",
+                               os.path.expanduser("~/.cache/dcbnode/dicube-venv/bin/python"))
+INSTALL_HINT = "run scripts/install-test-deps (it creates the DiCube virtualenv)"
 
 #: Run by DiCube's interpreter: write the volume, then dump DiCube's two readers' output per frame.
 DICUBE_SCRIPT = """

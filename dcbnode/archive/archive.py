@@ -127,7 +127,9 @@ class Archive:
         with self.index.session() as session:
             return find_instance(session, sop_instance_uid) is not None
 
-    def _index(self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str) -> str | None:
+    def _index(
+        self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str
+    ) -> str | None:
         """Commit the index rows of a durable record; returns the replaced copy's volume, if any."""
         meta = encoded.meta
         placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,

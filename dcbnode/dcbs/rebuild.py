@@ -21,7 +21,7 @@ from io import BytesIO
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, HTJ2K, HTJ2KLossless, ImplicitVRLittleEndian
+from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
 
 from .dataset_split import encode_implicit_le, parse_explicit_le, span_key
 from .errors import DcbsError

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .models import Base
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI objects are untyped
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
     """WAL lets readers (C-FIND, retrieves) run while ingest writes.
 
     ``synchronous=NORMAL`` is enough: a volume record is fsynced before its index commit, and
