@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
+
 from ..dcbs import (
     DcbsError,
     EncodedInstance,
@@ -22,9 +24,11 @@ from ..dcbs import (
 from ..index import Index
 from ..index.attributes import index_attributes
 from ..index.writer import (
+    LevelCache,
     RecordPlacement,
     advance_indexed_end,
     find_instance,
+    instance_location,
     remove_instance,
     upsert_instance,
 )
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 VOLUMES_DIR = "volumes"
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
+_INDEX_ATTEMPTS = 3
 
 
 def volume_path_for(series_instance_uid: str) -> str:
@@ -82,6 +87,7 @@ class Archive:
         self.index = Index(database_url)
         self.index.create_schema()
         self.volumes = VolumePool()
+        self.level_cache = LevelCache()
 
     def close(self) -> None:
         """Close volumes and database connections."""
@@ -125,7 +131,7 @@ class Archive:
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.index.session() as session:
-            return find_instance(session, sop_instance_uid) is not None
+            return instance_location(session, sop_instance_uid) is not None
 
     def _index(
         self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str
@@ -134,13 +140,22 @@ class Archive:
         meta = encoded.meta
         placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,
                                     location.length, meta.received_syntax, source_ae_title[:16])
-        with self.index.session() as session:
-            current = find_instance(session, meta.sop_instance_uid)
-            if current is not None and self.duplicate_policy != "replace":
-                raise _DuplicateFound
-            previous = current.volume.path if current is not None else None
-            upsert_instance(session, index_attributes(encoded.dataset), placement)
-        return previous
+        attributes = index_attributes(encoded.dataset)
+        for attempt in range(_INDEX_ATTEMPTS):
+            try:
+                with self.index.session() as session:
+                    current = instance_location(session, meta.sop_instance_uid)
+                    if current is not None and self.duplicate_policy != "replace":
+                        raise _DuplicateFound
+                    upsert_instance(session, attributes, placement, self.level_cache)
+                return current[0] if current is not None else None
+            except IntegrityError:
+                # Two stores created the same patient/study/series row at once (the loser retries and
+                # finds the winner's committed row), or a cached row was deleted meanwhile.
+                self.level_cache.clear()
+                if attempt == _INDEX_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
         with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
@@ -152,10 +167,10 @@ class Archive:
     def open_instance(self, sop_instance_uid: str) -> Iterator[StoredInstance]:
         """The stored record of an instance, read and checked (raises KeyError if not indexed)."""
         with self.index.session() as session:
-            row = find_instance(session, sop_instance_uid)
-            if row is None:
-                raise KeyError(sop_instance_uid)
-            relative, offset = row.volume.path, row.record_offset
+            location = instance_location(session, sop_instance_uid)
+        if location is None:
+            raise KeyError(sop_instance_uid)
+        relative, offset = location
         with self.volumes.borrow(self.volume_file(relative), writable=False) as volume:
             yield StoredInstance.read(volume, offset)
 
@@ -174,6 +189,7 @@ class Archive:
         return True
 
     def _unindex(self, sop_instance_uid: str, relative: str, location: RecordLocation) -> None:
+        self.level_cache.clear()
         with self.index.session() as session:
             remove_instance(session, sop_instance_uid)
             advance_indexed_end(session, relative, location.offset + location.length)

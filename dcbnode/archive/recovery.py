@@ -7,7 +7,9 @@ whole index from the volumes alone.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,9 @@ from pydicom.dataset import Dataset
 
 from ..dcbs import StoredInstance, Volume
 from ..dcbs.dataset_split import parse_explicit_le
-from ..dcbs.format import FILE_HEADER_SIZE, RecordKind
+from ..dcbs.format import FILE_HEADER_SIZE, RecordKind, unpack_file_header
 from ..dcbs.record import unpack_tombstone
-from ..dcbs.volume import RecordEntry
+from ..dcbs.volume import RecordEntry, fsync_directory
 from ..index.attributes import index_attributes
 from ..index.models import VolumeRow
 from ..index.writer import RecordPlacement, advance_indexed_end, clear_all, remove_instance, upsert_instance
@@ -41,14 +43,75 @@ class RecoveryReport:
 
 
 def volume_files(archive: Archive) -> list[Path]:
-    """Every volume file under the data directory, sorted."""
-    return sorted((archive.data_dir / VOLUMES_DIR).rglob("*.dcbs"))
+    """Every volume file under the data directory, sorted (one file per volume once generations are resolved)."""
+    return sorted(p for p in (archive.data_dir / VOLUMES_DIR).rglob("*.dcbs") if not p.name.startswith("."))
+
+
+def resolve_generations(archive: Archive) -> list[Path]:
+    """Remove the losing file of a compaction interrupted by a crash; returns the files removed.
+
+    Compaction writes ``<hash>.gN.dcbs`` with the *same volume id* as the file it replaces.  When two
+    files of one directory share a volume id, the ones the index has a volume row for win; if the index
+    knows none of them (after ``reindex`` cleared it), the lowest generation wins: it holds everything
+    the newer one holds.  A file with a new volume id (a series volume recreated after compaction) is
+    never touched.
+    """
+    groups: dict[tuple[Path, bytes], list[Path]] = {}
+    for path in volume_files(archive):
+        try:
+            with path.open("rb") as file:
+                volume_id = unpack_file_header(file.read(FILE_HEADER_SIZE))
+        except (OSError, ValueError):
+            continue  # damaged header: verify reports it
+        groups.setdefault((path.parent, volume_id), []).append(path)
+    removed: list[Path] = []
+    for paths in groups.values():
+        if len(paths) > 1:
+            removed += _resolve_group(archive, sorted(paths, key=_generation))
+    return removed
+
+
+def _resolve_group(archive: Archive, paths: list[Path]) -> list[Path]:
+    """Decide between the generations of one volume while holding their flocks.
+
+    A running compaction holds the old file's flock from before it creates the new file until after it
+    has unlinked the old one, so this waits for it instead of deleting its output.
+    """
+    descriptors: list[int] = []
+    try:
+        for path in paths:
+            try:
+                descriptors.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except FileNotFoundError:
+                continue
+            fcntl.flock(descriptors[-1], fcntl.LOCK_EX)
+        present = [path for path in paths if path.exists()]
+        with archive.index.session() as session:
+            known = {row.path for row in session.query(VolumeRow)}
+        winners = [p for p in present if p.relative_to(archive.data_dir).as_posix() in known] or present[:1]
+        removed = [path for path in present if path not in winners]
+        for path in removed:
+            log.warning("removing %s: left over by an interrupted compaction", path)
+            path.unlink()
+        if removed:
+            fsync_directory(paths[0].parent)
+        return removed
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+def _generation(path: Path) -> int:
+    """1 for ``<hash>.dcbs``, N for ``<hash>.gN.dcbs``."""
+    parts = path.name.split(".")
+    return int(parts[-2][1:]) if len(parts) == 3 and parts[-2][1:].isdigit() else 1
 
 
 def recover(archive: Archive, progress: Progress | None = None) -> RecoveryReport:
     """Cut torn tails and index every record beyond each volume's ``indexed_end``."""
     report = RecoveryReport()
     _remove_stale_temporaries(archive)
+    resolve_generations(archive)
     with archive.index.session() as session:
         indexed = {row.path: row.indexed_end for row in session.query(VolumeRow)}
     files = volume_files(archive)
@@ -67,8 +130,10 @@ def reindex(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
     """Rebuild the index from the volumes alone."""
     report = RecoveryReport()
     _remove_stale_temporaries(archive)
+    resolve_generations(archive)
     with archive.index.session() as session:
         clear_all(session)
+    archive.level_cache.clear()
     files = volume_files(archive)
     for number, path in enumerate(files, 1):
         _catch_up(archive, path, path.relative_to(archive.data_dir).as_posix(), FILE_HEADER_SIZE, report)
@@ -104,7 +169,7 @@ def _apply(archive: Archive, volume: Volume, relative: str, entry: RecordEntry, 
         placement = RecordPlacement(relative, entry.location.offset, entry.location.length,
                                     stored.meta.received_length, entry.location.length,
                                     stored.meta.received_syntax, _source_ae_title(stored))
-        upsert_instance(session, index_attributes(header), placement)
+        upsert_instance(session, index_attributes(header), placement, archive.level_cache)
         report.instances_indexed += 1
 
 

@@ -8,6 +8,8 @@ pydicom's decoder registry (GDCM and pylibjpeg plugins).
 
 from __future__ import annotations
 
+import threading
+
 import imagecodecs
 import numpy as np
 import zstandard
@@ -70,10 +72,16 @@ def uses_colour_transform(samples: int, photometric: str) -> bool:
     return samples == 3 and photometric == "RGB"
 
 
+_OJPH_LOCK = threading.Lock()
+
+
 def encode_htj2k_verified(frame: np.ndarray, colour_transform: bool) -> bytes | None:
     """Encode one frame as HTJ2K lossless and return it only if it decodes back bit-exact."""
-    codestream = imagecodecs.htj2k_encode(np.ascontiguousarray(frame), rgb=colour_transform)
-    decoded = imagecodecs.htj2k_decode(codestream)
+    # OpenJPH (via imagecodecs) fails with "ojph error" when several threads encode at once, as the
+    # node's concurrent associations do: one codec call at a time.
+    with _OJPH_LOCK:
+        codestream = imagecodecs.htj2k_encode(np.ascontiguousarray(frame), rgb=colour_transform)
+        decoded = imagecodecs.htj2k_decode(codestream)
     if decoded.dtype != frame.dtype or decoded.shape != frame.shape or not np.array_equal(decoded, frame):
         return None
     return bytes(codestream)

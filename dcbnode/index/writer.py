@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .attributes import IndexAttributes, fold_name
@@ -40,30 +41,119 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def upsert_instance(session: Session, attributes: IndexAttributes, placement: RecordPlacement) -> Instance:
-    """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``."""
-    series = _series(session, attributes)
-    session.flush()
-    volume = volume_row(session, placement.volume_path)
-    volume.indexed_end = max(volume.indexed_end, placement.offset + placement.length)
-    instance = find_instance(session, attributes.sop_instance_uid)
-    if instance is None:
-        instance = Instance(sop_instance_uid=attributes.sop_instance_uid, series=series, volume=volume)
-        session.add(instance)
-    instance.series = series
-    instance.sop_class_uid = attributes.sop_class_uid
-    instance.instance_number = attributes.instance_number
-    instance.number_of_frames = attributes.number_of_frames
-    instance.volume = volume
-    instance.record_offset = placement.offset
-    instance.record_length = placement.length
-    instance.received_bytes = placement.received_bytes
-    instance.stored_bytes = placement.stored_bytes
-    instance.transfer_syntax_uid = placement.transfer_syntax_uid
-    instance.source_ae_title = placement.source_ae_title
-    instance.received_at = datetime.now(UTC).replace(tzinfo=None)
-    session.flush()
-    return instance
+class LevelCache:
+    """Primary keys of the series and volumes already indexed, with the attributes last written.
+
+    Ingest writes one instance row per store; the patient, study and series rows above it change
+    rarely, so they are only rewritten when their attributes differ from the cached ones.  The cache
+    may be stale (another process deleted a series): the foreign key then fails, the caller clears
+    the cache and retries.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[str, tuple[int, tuple]] = {}
+        self._volumes: dict[str, int] = {}
+
+    def series(self, uid: str, key: tuple) -> int | None:
+        """The cached primary key of a series written with exactly these attributes."""
+        with self._lock:
+            cached = self._series.get(uid)
+        return cached[0] if cached is not None and cached[1] == key else None
+
+    def remember_series(self, uid: str, key: tuple, pk: int) -> None:
+        """Cache a series row's primary key (after the transaction that wrote it committed)."""
+        with self._lock:
+            self._series[uid] = (pk, key)
+
+    def volume(self, path: str) -> int | None:
+        """The cached primary key of a volume row."""
+        with self._lock:
+            return self._volumes.get(path)
+
+    def remember_volume(self, path: str, pk: int) -> None:
+        """Cache a volume row's primary key."""
+        with self._lock:
+            self._volumes[path] = pk
+
+    def clear(self) -> None:
+        """Forget everything (after deletions, or a failed transaction)."""
+        with self._lock:
+            self._series.clear()
+            self._volumes.clear()
+
+
+def instance_location(session: Session, sop_instance_uid: str) -> tuple[str, int] | None:
+    """(volume path, record offset) of an indexed instance, or None."""
+    row = session.execute(
+        select(VolumeRow.path, Instance.record_offset)
+        .join(VolumeRow, Instance.volume_pk == VolumeRow.id)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def upsert_instance(
+    session: Session, attributes: IndexAttributes, placement: RecordPlacement, cache: LevelCache | None = None
+) -> None:
+    """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``.
+
+    Core statements rather than ORM objects: this runs once per received instance, inside the
+    volume's append lock, so every round trip counts.
+    """
+    cache = cache or LevelCache()
+    series_pk = _series_pk(session, attributes, cache)
+    volume_pk = _volume_pk(session, placement.volume_path, cache)
+    values = {
+        "series_pk": series_pk,
+        "sop_class_uid": attributes.sop_class_uid,
+        "instance_number": attributes.instance_number,
+        "number_of_frames": attributes.number_of_frames,
+        "volume_pk": volume_pk,
+        "record_offset": placement.offset,
+        "record_length": placement.length,
+        "received_bytes": placement.received_bytes,
+        "stored_bytes": placement.stored_bytes,
+        "transfer_syntax_uid": placement.transfer_syntax_uid,
+        "source_ae_title": placement.source_ae_title,
+        "received_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+    existing = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == attributes.sop_instance_uid))
+    if existing is None:
+        session.execute(insert(Instance).values(sop_instance_uid=attributes.sop_instance_uid, **values))
+    else:
+        session.execute(update(Instance).where(Instance.id == existing).values(**values))
+    _advance(session, volume_pk, placement.offset + placement.length)
+
+
+def _advance(session: Session, volume_pk: int, end: int) -> None:
+    session.execute(update(VolumeRow).where(VolumeRow.id == volume_pk, VolumeRow.indexed_end < end)
+                    .values(indexed_end=end))
+
+
+def _volume_pk(session: Session, path: str, cache: LevelCache) -> int:
+    pk = cache.volume(path)
+    if pk is None:
+        pk = volume_row(session, path).id
+        cache.remember_volume(path, pk)
+    return pk
+
+
+def _series_pk(session: Session, attributes: IndexAttributes, cache: LevelCache) -> int:
+    key = _level_key(attributes)
+    pk = cache.series(attributes.series_instance_uid, key)
+    if pk is None:
+        pk = _series(session, attributes).id
+        cache.remember_series(attributes.series_instance_uid, key, pk)
+    return pk
+
+
+def _level_key(attributes: IndexAttributes) -> tuple:
+    """The attributes written to the patient, study and series rows."""
+    values = asdict(attributes)
+    for instance_level in ("sop_instance_uid", "sop_class_uid", "instance_number", "number_of_frames"):
+        values.pop(instance_level)
+    return tuple(values.values())
 
 
 def remove_instance(session: Session, sop_instance_uid: str) -> bool:
@@ -90,8 +180,7 @@ def remove_instance(session: Session, sop_instance_uid: str) -> bool:
 
 def advance_indexed_end(session: Session, path: str, end: int) -> None:
     """Record that everything in a volume up to ``end`` is reflected in the index."""
-    row = volume_row(session, path)
-    row.indexed_end = max(row.indexed_end, end)
+    _advance(session, volume_row(session, path).id, end)
 
 
 def clear_all(session: Session) -> None:
@@ -143,4 +232,5 @@ def _series(session: Session, attributes: IndexAttributes) -> Series:
     series.series_number = attributes.series_number
     series.series_description = attributes.series_description
     series.body_part_examined = attributes.body_part_examined
+    session.flush()
     return series

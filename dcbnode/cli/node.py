@@ -1,0 +1,159 @@
+"""``dcbnode serve``: run the DICOM node in the foreground, logging to stderr.
+
+Exit status: 0 after a SIGTERM/SIGINT stop, 2 for an invalid configuration (reported on one line
+before anything is bound), 1 for any other start-up failure (e.g. the port is taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from .. import service_notify
+from ..config import LOG_LEVELS, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ..net.server import Node
+
+log = logging.getLogger("dcbnode")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcbnode", description="DICOM node archiving into DCBS volumes")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the node in the foreground (logs to stderr)")
+    serve.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
+    serve.add_argument("--ae-title", help="our AE title (node.ae_title)")
+    serve.add_argument("--port", type=int, help="TCP port (node.port)")
+    serve.add_argument("--bind", help="address to listen on (node.bind)")
+    serve.add_argument("--data-dir", help="volumes and SQLite index directory (node.data_dir)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL of the index (node.database_url)")
+    serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="node.log_level")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "node.ae_title": args.ae_title,
+        "node.port": args.port,
+        "node.bind": args.bind,
+        "node.data_dir": args.data_dir,
+        "node.database_url": args.database_url,
+        "node.log_level": args.log_level,
+    }
+
+
+class _Signals:
+    """Signal handlers only set flags; the main thread does the work outside the handler."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.stop = False
+        self.reload = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
+        self.wake.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload = True
+        self.wake.set()
+
+
+def _reload(node: Node, config: Config, overrides: dict[str, object]) -> None:
+    """SIGHUP: re-read [peers] and [access]; an invalid file keeps the running configuration."""
+    service_notify.reloading()
+    try:
+        if config.source is None:
+            log.warning("SIGHUP: no configuration file was given; nothing to reload")
+            return
+        try:
+            fresh = load_config(config.source, overrides)
+        except ConfigError as error:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", error)
+            return
+        node.reload(fresh)
+        access = fresh.access
+        log.info("SIGHUP: reloaded [peers] (%d) and [access] (allowed calling AEs: %s)", len(fresh.peers),
+                 ", ".join(access.allowed_calling_aets) or "any")
+    finally:
+        service_notify.ready()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the configuration, recover the archive, serve until SIGTERM/SIGINT."""
+    overrides = _overrides(args)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"dcbnode: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    from ..net.logging_setup import configure_logging
+
+    configure_logging(config.node.log_level)
+    signals = _Signals()
+    signals.install()  # early: a SIGTERM during recovery must still stop cleanly
+    # Heavy imports after the config check, so a bad config fails fast.
+    from ..archive import Archive
+    from ..archive.recovery import recover
+    from ..net.context import NodeContext
+    from ..net.server import Node
+
+    node_cfg = config.node
+    log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,
+             node_cfg.data_dir, node_cfg.redacted_database_url)
+    archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url, duplicate_policy=node_cfg.duplicate_policy)
+    try:
+        report = recover(archive)
+        log.info("recovery: %d volume(s), %d torn byte(s) cut, %d instance(s) indexed, %d removed",
+                 report.volumes, report.torn_bytes_cut, report.instances_indexed, report.instances_removed)
+        for problem in report.problems:
+            log.error("recovery problem: %s", problem)
+        node = Node(NodeContext(config=config, archive=archive))
+        try:
+            node.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", node_cfg.bind, node_cfg.port, exc.strerror or exc)
+            return EXIT_FAILURE
+        log.info("%s accepting associations on %s:%d", node_cfg.ae_title, node_cfg.bind, node.port)
+        service_notify.ready(f"accepting associations on port {node.port}")
+        while not signals.stop:
+            signals.wake.wait()
+            signals.wake.clear()
+            if signals.reload and not signals.stop:
+                signals.reload = False
+                _reload(node, node.context.config, overrides)
+        log.info("stop requested; finishing in-flight operations")
+        service_notify.stopping()
+        node.stop(grace=node_cfg.dimse_timeout)
+    finally:
+        archive.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``dcbnode``."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return EXIT_FAILURE  # unreachable: argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The C-STORE SCP: received datasets go into the archive, outcomes become PS3.4 B.2.3 statuses.
+
+Success (0000) is answered only after :meth:`Archive.store` returned, i.e. after the record was fsynced
+into its volume and the index committed: an acknowledged instance survives a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import threading
+import time
+from typing import Final
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.uid import UID
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+
+from ..archive import DuplicateInstanceError, StoreOutcome
+from ..dcbs import InvalidDatasetError, UndecodablePixelDataError, UnsupportedTransferSyntaxError, VolumeFullError
+from .context import NodeContext
+
+log = logging.getLogger("dcbnode.store")
+
+#: PS3.4 Table B.2-1 "Refused: Out of Resources" — the sender may retry later.
+OUT_OF_RESOURCES: Final = 0xA700
+#: "Error: Data Set does not match SOP Class": missing or invalid attributes.
+DATASET_MISMATCH: Final = 0xA900
+#: "Error: Cannot understand" (Cxxx, low bits ours). CD0x keeps clear of the C0xx-C6xx values
+#: pynetdicom uses for its own failures, and next to config.DUPLICATE_STATUS["reject"] (0xCD01).
+CANNOT_UNDERSTAND: Final = 0xCD02
+INTERNAL_ERROR: Final = 0xCD03
+#: Error Comment is LO: at most 64 characters (PS3.5 Table 6.2-1).
+_COMMENT_MAX: Final = 64
+_SOP_INSTANCE_UID_TAG: Final = 0x00080018
+
+
+class InFlight:
+    """Counts C-STOREs being processed, so a graceful stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no C-STORE is in progress; False if ``timeout`` expired first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE response status, with an Error Comment cut to its 64-character limit."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        # LO forbids backslash and control characters.
+        clean = "".join(ch if " " <= ch <= "~" and ch != "\\" else " " for ch in comment)
+        ds.ErrorComment = clean[:_COMMENT_MAX]
+    return ds
+
+
+def part10_bytes(event: Event, calling_aet: str) -> bytes:
+    """The received dataset as Part-10 bytes, without decoding it.
+
+    Like ``event.encoded_dataset()``, but the file meta also names the sender in
+    SourceApplicationEntityTitle (PS3.10 7.1), which pynetdicom 3.0 leaves out; the archive keeps it
+    and recovery re-indexes the source AE from it.
+    """
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling_aet
+    return b"".join((b"\0" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getbuffer()))
+
+
+def dataset_sop_instance_uid(data: bytes) -> str | None:
+    """The SOPInstanceUID of Part-10 bytes, reading only the elements up to it.
+
+    The archive parses the whole dataset anyway; this cheap partial read lets the request be checked
+    *before* anything is written, without a second full parse.
+    """
+    partial = read_partial(io.BytesIO(data), stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID_TAG)
+    value = partial.get("SOPInstanceUID")
+    return str(value).strip("\0 ") if value else None
+
+
+def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dataset | int:
+    """``evt.EVT_C_STORE`` handler: store the dataset, answer with the status of the outcome."""
+    started = time.perf_counter()
+    request = event.request
+    requested_uid = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
+    syntax = UID(event.context.transfer_syntax)
+    calling_aet = event.assoc.requestor.ae_title.strip()
+    result = Dataset()
+    with in_flight:
+        result = _store(event, context, requested_uid, syntax, calling_aet)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    code = int(result.Status)
+    level = logging.INFO if code == 0 else logging.WARNING
+    log.log(level, "C-STORE from %s: %s %s [%s] status 0x%04X%s %.1f ms", calling_aet,
+            _sop_class_name(request.AffectedSOPClassUID), requested_uid, syntax.name, code,
+            f" ({result.ErrorComment})" if "ErrorComment" in result else "", elapsed_ms)
+    stats = getattr(event.assoc, "dcbnode_stats", None)
+    if stats is not None:
+        stats.count(code)
+    return result
+
+
+def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, calling_aet: str) -> Dataset:
+    """Everything that can fail, turned into a status; never raises (an exception would end in
+    pynetdicom's generic 0xC211 without a useful comment)."""
+    archive = context.archive
+    config = context.config  # read once: SIGHUP may swap it
+    try:
+        data = part10_bytes(event, calling_aet)
+        try:
+            actual_uid = dataset_sop_instance_uid(data)
+        except Exception as exc:
+            return status(DATASET_MISMATCH, f"dataset cannot be parsed: {exc}")
+        if actual_uid != requested_uid:
+            return status(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request")
+        stored = archive.store(data, source_ae_title=calling_aet, transfer_syntax=syntax)
+    except UndecodablePixelDataError as exc:
+        return status(CANNOT_UNDERSTAND, exc.reason)
+    except UnsupportedTransferSyntaxError as exc:
+        return status(CANNOT_UNDERSTAND, exc.reason)
+    except InvalidDatasetError as exc:
+        return status(DATASET_MISMATCH, exc.reason)
+    except DuplicateInstanceError:
+        return status(config.node.duplicate_status, "SOP Instance UID is already stored")
+    except VolumeFullError as exc:
+        log.error("volume full while storing %s: %s", requested_uid, exc)
+        return status(OUT_OF_RESOURCES, "archive storage is full")
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("disk full while storing %s: %s", requested_uid, exc)
+            return status(OUT_OF_RESOURCES, "archive storage is full")
+        log.exception("I/O error while storing %s", requested_uid)
+        return status(INTERNAL_ERROR, f"archive I/O error: {exc.strerror or exc}")
+    except Exception as exc:
+        log.exception("unexpected error while storing %s", requested_uid)
+        return status(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+    if stored.outcome is not StoreOutcome.STORED:
+        log.info("SOP Instance %s was already stored: %s", requested_uid, stored.outcome.value)
+    return status(0x0000)
+
+
+def _sop_class_name(uid: object) -> str:
+    """The SOP class's name for log lines (the UID if pydicom does not know it)."""
+    name = UID(str(uid or "")).name
+    return name or str(uid)

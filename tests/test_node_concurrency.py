@@ -1,0 +1,122 @@
+"""Concurrent associations and crashes: every acknowledged instance is stored exactly once."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from conftest import indexed_count, read_back, rebuilt_part10, stop_node
+from faithful import element_differences, pixels_equal, read
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from dcbnode.archive.recovery import volume_files
+from dcbnode.dcbs import Volume, live_instances
+
+CT = Path(get_testdata_file("CT_small.dcm", download=False))
+
+
+def _series(count: int, series_uid: str, study_uid: str) -> list[pydicom.Dataset]:
+    base = pydicom.dcmread(CT)
+    out = []
+    for number in range(count):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta = pydicom.dataset.FileMetaDataset(base.file_meta)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number + 1
+        out.append(ds)
+    return out
+
+
+def _send(node, datasets, acknowledged: list[str], calling_aet: str, errors: list[str]) -> None:
+    ae = AE(ae_title=calling_aet)
+    # Short timeouts: after the kill -9 the SCU must notice the dead peer quickly.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(CTImageStorage, str(datasets[0].file_meta.TransferSyntaxUID))
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet)
+    if not assoc.is_established:
+        errors.append(f"{calling_aet}: not established")
+        return
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            if "Status" in status and status.Status == 0:
+                acknowledged.append(str(ds.SOPInstanceUID))
+            elif not assoc.is_established:
+                return
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _live_counts(data_dir: Path) -> dict[str, int]:
+    counts = {}
+    for path in sorted((data_dir / "volumes").rglob("*.dcbs")):
+        with Volume.open(path) as volume:
+            counts[path.name] = len(live_instances(volume))
+    return counts
+
+
+def test_eight_concurrent_associations_interleaved_series(running_node):
+    node = running_node(max_associations=10)
+    study = pydicom.uid.generate_uid()
+    series = [_series(12, pydicom.uid.generate_uid(), study) for _ in range(4)]
+    # Eight associations, two per series, each sending every other slice: the series interleave.
+    jobs = [(s[parity::2], f"SCU{i}") for i, (s, parity) in enumerate((s, p) for s in series for p in (0, 1))]
+    acknowledged: list[str] = []
+    errors: list[str] = []
+    threads = [threading.Thread(target=_send, args=(node, ds, acknowledged, aet, errors)) for ds, aet in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    every = [str(ds.SOPInstanceUID) for s in series for ds in s]
+    assert sorted(acknowledged) == sorted(every)
+    assert stop_node(node) == 0
+    assert sorted(_live_counts(node.data_dir).values()) == [12, 12, 12, 12]
+    archive = read_back(node.data_dir)
+    assert indexed_count(archive) == 48
+    archive.close()
+
+
+def test_kill_9_during_ingest_keeps_every_acknowledged_instance(running_node):
+    node = running_node()
+    datasets = _series(150, pydicom.uid.generate_uid(), pydicom.uid.generate_uid())
+    acknowledged: list[str] = []
+    errors: list[str] = []
+    sender = threading.Thread(target=_send, args=(node, datasets, acknowledged, "CRASHSCU", errors))
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 40 and time.monotonic() < deadline and sender.is_alive():
+        time.sleep(0.01)
+    node.process.send_signal(signal.SIGKILL)
+    node.process.wait(10)
+    sender.join(60)
+    assert 40 <= len(acknowledged) < 150, len(acknowledged)
+
+    again = running_node(name="restarted", data_dir=node.data_dir)
+    assert "recovery:" in again.log()
+    assert stop_node(again) == 0
+    archive = read_back(node.data_dir)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    for uid in acknowledged:
+        rebuilt = read(rebuilt_part10(archive, uid))
+        original = by_uid[uid]
+        original.file_meta.SourceApplicationEntityTitle = "CRASHSCU"
+        assert element_differences(original, rebuilt) == []
+        assert pixels_equal(original, rebuilt)
+    assert indexed_count(archive) >= len(acknowledged)
+    for path in volume_files(archive):  # every record of every volume passes its checks
+        with Volume.open(path) as volume:
+            for entry in volume.records():
+                volume.read_meta(entry.location.offset)
+    archive.close()

@@ -1,0 +1,383 @@
+"""C-MOVE and C-GET end to end: the node runs as a subprocess; what arrives is compared element by element
+and pixel by pixel with the files originally stored."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    HTJ2K,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import REPO, stop_node, write_config
+from faithful import element_differences, pixels_equal
+from peers import LOOPBACK, dcmtk_tool, free_port, run_dcmtk, run_getscu, storescp, wait_for_port
+
+NODE_AET = "DCBNODE"
+FILES = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "SC_rgb.dcm", "examples_ybr_color.dcm"]
+HTJ2K_FILES = FILES[:4]  # the JPEG baseline instance keeps its lossy codestream: no HTJ2K form
+JPEG_FILE = "examples_ybr_color.dcm"
+DESTINATIONS = ["STORESCP", "HTJ2KONLY", "IMPLICIT", "JPEGONLY", "SLOW", "ABORTER"]
+MANY = 30  # copies of CT_small with new UIDs, for cancel and abort
+
+
+def _path(name: str) -> Path:
+    found = get_testdata_file(name, download=False)
+    if found is None:
+        pytest.skip(f"{name} not available offline")
+    return Path(found)
+
+
+class Node:
+    """The node under test, with the files it holds."""
+
+    def __init__(self, port: int, ports: dict[str, int], process: subprocess.Popen[bytes], log: Path,
+                 originals: dict[str, Dataset], many_study: str) -> None:
+        self.port, self.ports, self.process, self.log_path = port, ports, process, log
+        self.originals, self.many_study = originals, many_study
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _store(port: int, datasets: list[Dataset]) -> None:
+    ae = AE(ae_title="LOADER")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(LOOPBACK, port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node with the test files and MANY CT copies stored; its peers are on ports reserved here."""
+    tmp = tmp_path_factory.mktemp("retrieve")
+    port = free_port()
+    ports = {aet: free_port() for aet in DESTINATIONS}
+    tables: dict[str, dict[str, Any]] = {"node": {"ae_title": NODE_AET, "bind": LOOPBACK, "port": port,
+                                                  "data_dir": str(tmp / "data")}}
+    for aet, peer_port in ports.items():
+        tables[f"peers.{aet}"] = {"host": LOOPBACK, "port": peer_port}
+    config = write_config(tmp / "node.toml", tables)
+    log = tmp / "node.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "dcbnode.cli.node", "serve", "--config", str(config)],
+                                   cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(LOOPBACK, port, 30.0, process)
+        originals = {}
+        for name in FILES:
+            ds = pydicom.dcmread(_path(name))
+            originals[name] = ds
+        many_study, many_series = generate_uid(), generate_uid()
+        copies = []
+        for index in range(MANY):
+            ds = pydicom.dcmread(_path("CT_small.dcm"))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = many_study, many_series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.InstanceNumber = index + 1
+            copies.append(ds)
+        _store(port, [*originals.values(), *copies])
+        yield Node(port, ports, process, log, originals, many_study)
+    finally:
+        code = stop_node(_Stoppable(process, log))
+        assert code == 0, log.read_text(errors="replace")[-3000:]
+
+
+class _Stoppable:
+    """What conftest.stop_node needs of a node."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process, self.log_path = process, log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def pynetdicom_scp(aet: str, port: int, syntaxes: list[str],
+                   on_store: Callable[[Any, int], int] | None = None) -> Iterator[list[Dataset]]:
+    """A pynetdicom Storage SCP collecting what it receives; ``on_store(event, n)`` may act on the n-th."""
+    received: list[Dataset] = []
+    ae = AE(ae_title=aet)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, syntaxes)
+
+    def handle(event: Any) -> int:
+        received.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(event.encoded_dataset())))
+        return on_store(event, len(received)) if on_store else 0x0000
+
+    server = ae.start_server((LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+    try:
+        yield received
+    finally:
+        server.shutdown()
+
+
+def _uids(names: list[str], node: Node) -> dict[str, str]:
+    return {node.originals[n].SOPInstanceUID: n for n in names}
+
+
+def _image_identifier(uids: list[str]) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.SOPInstanceUID = uids
+    return identifier
+
+
+def _study_identifier(study: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    return identifier
+
+
+def _move(node: Node, destination: str, identifier: Dataset,
+          cancel_after: int | None = None) -> list[Dataset]:
+    """C-MOVE with pynetdicom; returns every response status dataset."""
+    ae = AE(ae_title="MOVESCU")
+    ae.dimse_timeout = 20  # the node never waits for a destination that has gone (see the abort test)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    responses = []
+    try:
+        for status, _ in assoc.send_c_move(identifier, destination, StudyRootQueryRetrieveInformationModelMove,
+                                           msg_id=7):
+            responses.append(status)
+            if cancel_after is not None and len(responses) == cancel_after:
+                context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                                  if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelMove)
+                assoc.send_c_cancel(7, context_id)
+    finally:
+        assoc.release()
+    return responses
+
+
+def _check_faithful(received: list[Dataset], node: Node, names: list[str], syntax: str | None = None,
+                    ignore: frozenset[int] | set[int] = frozenset()) -> None:
+    by_uid = {ds.SOPInstanceUID: ds for ds in received}
+    assert sorted(by_uid) == sorted(node.originals[n].SOPInstanceUID for n in names)
+    for name in names:
+        original = node.originals[name]
+        got = by_uid[original.SOPInstanceUID]
+        if syntax is not None:
+            assert got.file_meta.TransferSyntaxUID == syntax, name
+        view = _network_view(original)
+        for tag in ignore:
+            view.pop(tag, None)
+        assert element_differences(view, got) == [], name
+        assert pixels_equal(original, got), name
+
+
+def _network_view(original: Dataset) -> Dataset:
+    """The original as a C-STORE carries it: PS3.7 sends no file meta (the receiver writes its own)."""
+    view = Dataset({tag: original.get_item(tag) for tag in original.keys()})  # a new dict: pops stay here
+    view.file_meta = FileMetaDataset()
+    return view
+
+
+# --------------------------------------------------------------------------- C-GET
+
+
+def _get(node: Node, identifier: Dataset, syntaxes: list[str], model: str = StudyRootQueryRetrieveInformationModelGet,
+         ) -> tuple[list[Dataset], list[Dataset]]:
+    """C-GET with pynetdicom proposing ``syntaxes`` with the SCP role; returns (responses, received)."""
+    received: list[Dataset] = []
+
+    def handle(event: Any) -> int:
+        received.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(event.encoded_dataset())))
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(model)
+    classes = sorted({ds.SOPClassUID for ds in node.originals.values()})
+    for sop_class in classes:
+        for syntax in syntaxes:  # one context per syntax: the acceptor keeps one syntax per context
+            ae.add_requested_context(sop_class, syntax)
+    roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
+    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET, ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, handle)])
+    assert assoc.is_established
+    try:
+        responses = [status for status, _ in assoc.send_c_get(identifier, model)]
+    finally:
+        assoc.release()
+    return responses, received
+
+
+def test_get_htj2k_bit_exact(node: Node) -> None:
+    started = time.perf_counter()
+    uids = list(_uids(HTJ2K_FILES, node))
+    responses, received = _get(node, _image_identifier(uids), [HTJ2KLossless, HTJ2K])
+    assert responses[-1].Status == 0x0000, responses[-1]
+    assert responses[-1].NumberOfCompletedSuboperations == len(uids)
+    assert [r.Status for r in responses[:-1]] == [0xFF00] * len(uids)
+    assert [r.NumberOfRemainingSuboperations for r in responses[:-1]] == list(range(len(uids) - 1, -1, -1))
+    _check_faithful(received, node, HTJ2K_FILES, HTJ2KLossless)  # decoded by pylibjpeg-openjpeg
+    # pydicom has no GDCM plugin for HTJ2K (only pylibjpeg), so the GDCM cross-check is skipped here.
+    assert time.perf_counter() - started < 30
+
+
+def test_get_native_prefers_explicit_and_keeps_jpeg(node: Node) -> None:
+    responses, received = _get(node, _image_identifier(list(_uids(FILES, node))),
+                               [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit])
+    assert responses[-1].Status == 0x0000
+    by_uid = {ds.SOPInstanceUID: ds for ds in received}
+    jpeg = by_uid[node.originals[JPEG_FILE].SOPInstanceUID]
+    assert jpeg.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert jpeg.PixelData == node.originals[JPEG_FILE].PixelData  # the lossy codestream, byte for byte
+    _check_faithful([d for d in received if d is not jpeg], node, HTJ2K_FILES, ExplicitVRLittleEndian)
+
+
+def test_get_patient_root_and_bad_identifiers(node: Node) -> None:
+    ct = node.originals["CT_small.dcm"]
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"
+    identifier.PatientID = ct.PatientID
+    responses, received = _get(node, identifier, [ExplicitVRLittleEndian],
+                               PatientRootQueryRetrieveInformationModelGet)
+    assert responses[-1].Status in (0x0000, 0xB000)
+    assert ct.SOPInstanceUID in {ds.SOPInstanceUID for ds in received}
+    no_level = _study_identifier(ct.StudyInstanceUID)
+    del no_level.QueryRetrieveLevel
+    for bad in (no_level, _study_identifier("not-a-uid")):
+        responses, received = _get(node, bad, [ExplicitVRLittleEndian])
+        assert responses[-1].Status == 0xA900 and responses[-1].ErrorComment, responses[-1]
+        assert not received
+    patient_level = Dataset()
+    patient_level.QueryRetrieveLevel = "PATIENT"
+    patient_level.PatientID = ct.PatientID
+    responses, _ = _get(node, patient_level, [ExplicitVRLittleEndian])  # PATIENT is not in Study Root
+    assert responses[-1].Status == 0xA900
+
+
+def test_get_dcmtk_getscu(node: Node, tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    out.mkdir()
+    uids = _uids(HTJ2K_FILES, node)
+    result = run_getscu(LOOPBACK, node.port, NODE_AET, out,
+                        {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "\\".join(uids)})
+    assert result.returncode == 0, result.stderr
+    _check_faithful([pydicom.dcmread(p) for p in out.iterdir()], node, HTJ2K_FILES)
+
+
+# --------------------------------------------------------------------------- C-MOVE
+
+
+def test_move_dcmtk_movescu_to_storescp(node: Node, tmp_path: Path) -> None:
+    dcmtk_tool("movescu")
+    uids = _uids(FILES, node)
+    with storescp(tmp_path / "in", aet="STORESCP", port=node.ports["STORESCP"]) as peer:
+        result = run_dcmtk("movescu", ["-S", "-aet", "MOVESCU", "-aec", NODE_AET, "-aem", "STORESCP",
+                                       "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID=" + "\\".join(uids),
+                                       LOOPBACK, str(node.port)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        received = [pydicom.dcmread(p) for p in peer.received()]
+    by_uid = {ds.SOPInstanceUID: ds for ds in received}
+    assert by_uid[node.originals[JPEG_FILE].SOPInstanceUID].file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    native = [d for d in received if d.SOPInstanceUID != node.originals[JPEG_FILE].SOPInstanceUID]
+    # storescp writes files without the Data Set Trailing Padding (FFFC,FFFC) it received.
+    _check_faithful(native, node, HTJ2K_FILES, ExplicitVRLittleEndian, ignore={0xFFFCFFFC})
+
+
+def test_move_htj2k_only_destination(node: Node) -> None:
+    with pynetdicom_scp("HTJ2KONLY", node.ports["HTJ2KONLY"], [HTJ2KLossless, HTJ2K]) as received:
+        responses = _move(node, "HTJ2KONLY", _image_identifier(list(_uids(FILES, node))))
+    final = responses[-1]
+    # The JPEG baseline instance has no HTJ2K form: it fails, the others arrive.
+    assert final.Status == 0xB000 and final.NumberOfFailedSuboperations == 1
+    assert final.NumberOfCompletedSuboperations == len(HTJ2K_FILES)
+    _check_faithful(received, node, HTJ2K_FILES, HTJ2KLossless)
+
+
+def test_move_implicit_only_destination(node: Node) -> None:
+    with pynetdicom_scp("IMPLICIT", node.ports["IMPLICIT"], [ImplicitVRLittleEndian]) as received:
+        responses = _move(node, "IMPLICIT", _image_identifier(list(_uids(HTJ2K_FILES, node))))
+    assert responses[-1].Status == 0x0000
+    _check_faithful(received, node, HTJ2K_FILES, ImplicitVRLittleEndian)
+
+
+def test_move_jpeg_only_destination_gets_original_codestream(node: Node) -> None:
+    original = node.originals[JPEG_FILE]
+    with pynetdicom_scp("JPEGONLY", node.ports["JPEGONLY"], [JPEGBaseline8Bit]) as received:
+        responses = _move(node, "JPEGONLY", _image_identifier([original.SOPInstanceUID]))
+    assert responses[-1].Status == 0x0000
+    assert len(received) == 1 and received[0].PixelData == original.PixelData
+    assert element_differences(_network_view(original), received[0]) == []
+
+
+def test_move_unknown_destination(node: Node) -> None:
+    responses = _move(node, "NOBODY", _image_identifier(list(_uids(["CT_small.dcm"], node))))
+    assert [r.Status for r in responses] == [0xA801]
+
+
+def test_move_cancel(node: Node) -> None:
+    def slow(event: Any, count: int) -> int:
+        time.sleep(0.1)
+        return 0x0000
+
+    with pynetdicom_scp("SLOW", node.ports["SLOW"], [ExplicitVRLittleEndian], slow) as received:
+        started = time.perf_counter()
+        responses = _move(node, "SLOW", _study_identifier(node.many_study), cancel_after=2)
+        elapsed = time.perf_counter() - started
+    final = responses[-1]
+    assert final.Status == 0xFE00, final
+    assert final.NumberOfRemainingSuboperations > 0
+    assert len(received) < MANY and elapsed < MANY * 0.1
+
+
+def test_move_destination_aborts_midway(node: Node) -> None:
+    def abort_after_five(event: Any, count: int) -> int:
+        if count == 5:
+            threading.Thread(target=event.assoc.abort).start()
+        return 0x0000
+
+    with pynetdicom_scp("ABORTER", node.ports["ABORTER"], [ExplicitVRLittleEndian], abort_after_five):
+        started = time.perf_counter()
+        responses = _move(node, "ABORTER", _study_identifier(node.many_study))
+        elapsed = time.perf_counter() - started
+    assert elapsed < 5, f"C-MOVE took {elapsed:.1f} s after the destination aborted"
+    final = responses[-1]
+    assert final.Status in (0xB000, 0xA702), final
+    assert final.NumberOfFailedSuboperations >= MANY - 5
+    assert final.NumberOfCompletedSuboperations + final.NumberOfFailedSuboperations == MANY
+    assert len(final.FailedSOPInstanceUIDList) == final.NumberOfFailedSuboperations \
+        if "FailedSOPInstanceUIDList" in final else True
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert node.process.poll() is None
+
