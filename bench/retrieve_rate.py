@@ -201,7 +201,7 @@ def node_peak_rss(count: int) -> dict[str, Any]:
     from bench.peer_get_rates import get_once
 
     files = _ct_small_copies(count)
-    data_dir = loaded_data_dir(files, f"ct-small-x{count}")
+    data_dir = loaded_data_dir(files, f"archive-ct-small-x{count}")
     keys = series_keys(files)
     with _node(data_dir) as node:
         pid = node.process.pid
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     files = cached_ct_series(args.count)
     info = series_info(files)
     print(f"series: {info['count']} × {info['rows']}×{info['columns']} CT, {info['bytes'] / 1e6:.1f} MB", flush=True)
-    data_dir = loaded_data_dir(files, files[0].parent.name)
+    data_dir = loaded_data_dir(files, "archive-" + files[0].parent.name)
     rows = []
     sources: dict[str, SourceFactory] = {"dcbnode (getscu, native)": dcbnode_source(data_dir)}
     if not args.skip_dcmqrscp:

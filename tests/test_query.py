@@ -425,6 +425,18 @@ def test_study_queries_search_an_index(archive: Archive, keys: dict, index: str)
     assert not any(step.startswith("SCAN studies") for step in plan), plan
 
 
+def test_combined_datetime_range_searches_the_date_index(archive: Archive) -> None:
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyDate, ds.StudyTime, ds.StudyInstanceUID = "STUDY", "20200115-20201231", \
+        "1000-2359", ""
+    stmt, _ = build_select(parse_identifier(ds, "STUDY", combined_datetime=True), "sqlite")
+    compiled = stmt.compile(archive.index.engine)  # type: ignore[attr-defined]
+    with archive.index.engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}",
+                                                        tuple(compiled.params.values()))]
+    assert any("ix_studies_study_date (study_date>? AND study_date<?)" in step for step in plan), plan
+
+
 def test_bench_names_are_realistic() -> None:
     """bench/find_latency.py: SMITH* matches ~1 % of patients, as in a real population."""
     import random

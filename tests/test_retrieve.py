@@ -202,7 +202,7 @@ def _check_faithful(received: list[Dataset], node: Node, names: list[str], synta
 
 def _network_view(original: Dataset) -> Dataset:
     """The original as a C-STORE carries it: PS3.7 sends no file meta (the receiver writes its own)."""
-    view = Dataset({tag: original.get_item(tag) for tag in original.keys()})  # a new dict: pops stay here
+    view = Dataset(dict(original.items()))  # a new dict (of the raw elements): pops stay here
     view.file_meta = FileMetaDataset()
     return view
 
@@ -381,3 +381,22 @@ def test_move_destination_aborts_midway(node: Node) -> None:
     assoc.release()
     assert node.process.poll() is None
 
+
+
+# --------------------------------------------------------------------------- unit: sub-association contexts
+
+
+def test_storage_contexts_trimmed_to_128_keeping_explicit() -> None:
+    from dcbnode.archive.retrieve import RetrieveMatch
+    from dcbnode.net.transfer import MAX_CONTEXTS, storage_contexts
+
+    classes = [f"1.2.840.10008.5.1.4.1.1.{n}" for n in range(1, 41)]  # 40 classes × 4–5 syntaxes > 128
+    matches = [RetrieveMatch(generate_uid(), c, JPEGBaseline8Bit if i % 2 else ExplicitVRLittleEndian)
+               for i, c in enumerate(classes)]
+    contexts = storage_contexts(matches)
+    assert len(contexts) == MAX_CONTEXTS
+    pairs = [(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in contexts]
+    assert len(set(pairs)) == len(pairs)
+    assert {c for c, s in pairs if s == ExplicitVRLittleEndian} == set(classes)  # every class keeps Explicit
+    assert {c for c, s in pairs if s == HTJ2KLossless} == set(classes)
+    assert not any(s == HTJ2K for _, s in pairs)  # the least useful round is the one dropped

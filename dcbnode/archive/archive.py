@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
 from ..dcbs import (
     DcbsError,
+    DcbsFormatError,
     EncodedInstance,
     RecordLocation,
     StoredInstance,
+    Volume,
+    VolumeReplacedError,
     append_instance,
     append_tombstone,
     encode_instance,
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 VOLUMES_DIR = "volumes"
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
 _INDEX_ATTEMPTS = 3
+_REOPEN_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 def volume_path_for(series_instance_uid: str) -> str:
@@ -118,9 +124,8 @@ class Archive:
                 raise DuplicateInstanceError(f"SOP Instance {meta.sop_instance_uid} is already stored")
         relative = volume_path_for(meta.series_instance_uid)
         try:
-            with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
-                _, previous = append_instance(
-                    volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title))
+            _, previous = self._append(relative, lambda volume: append_instance(
+                volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title)))
         except _DuplicateFound:  # a concurrent store of the same UID won the race
             return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax)
         if previous is None:
@@ -158,35 +163,62 @@ class Archive:
         raise AssertionError("unreachable")
 
     def _tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
-        with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
-            append_tombstone(volume, sop_instance_uid, series_instance_uid)
+        self._append(relative, lambda volume: append_tombstone(volume, sop_instance_uid, series_instance_uid))
+
+    def _append(self, relative: str, action: Callable[[Volume], T]) -> T:
+        """Run an append on the volume at ``relative``, reopening it if compaction replaced the file."""
+        for attempt in range(_REOPEN_ATTEMPTS):
+            try:
+                with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
+                    return action(volume)
+            except VolumeReplacedError:
+                self.volumes.forget(self.volume_file(relative))
+                if attempt == _REOPEN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- retrieval -------------------------------------------------------------------------------------
 
     @contextmanager
     def open_instance(self, sop_instance_uid: str) -> Iterator[StoredInstance]:
         """The stored record of an instance, read and checked (raises KeyError if not indexed)."""
-        with self.index.session() as session:
-            location = instance_location(session, sop_instance_uid)
-        if location is None:
-            raise KeyError(sop_instance_uid)
-        relative, offset = location
-        with self.volumes.borrow(self.volume_file(relative), writable=False) as volume:
-            yield StoredInstance.read(volume, offset)
+        for attempt in range(_REOPEN_ATTEMPTS):
+            with self.index.session() as session:
+                location = instance_location(session, sop_instance_uid)
+            if location is None:
+                raise KeyError(sop_instance_uid)
+            relative, offset = location
+            path = self.volume_file(relative)
+            if not path.exists() and attempt < _REOPEN_ATTEMPTS - 1:
+                continue  # compaction moved the record between the lookup and the open: look again
+            with self.volumes.borrow(path, writable=False) as volume:
+                yield StoredInstance.read(volume, offset)
+            return
 
     # -- deletion --------------------------------------------------------------------------------------
 
     def delete_instance(self, sop_instance_uid: str) -> bool:
         """Delete an instance: a tombstone in its volume, then its index rows."""
-        with self.index.session() as session:
-            row = find_instance(session, sop_instance_uid)
-            if row is None:
-                return False
-            relative, series_uid = row.volume.path, row.series.series_instance_uid
-        with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
-            append_tombstone(volume, sop_instance_uid, series_uid,
-                             on_durable=lambda location: self._unindex(sop_instance_uid, relative, location))
-        return True
+        for attempt in range(_REOPEN_ATTEMPTS):
+            with self.index.session() as session:
+                row = find_instance(session, sop_instance_uid)
+                if row is None:
+                    return False
+                relative, series_uid = row.volume.path, row.series.series_instance_uid
+            try:
+                self._delete_from(relative, sop_instance_uid, series_uid)
+                return True
+            except (VolumeReplacedError, DcbsFormatError):
+                # Compaction moved the instance to a new volume meanwhile: look it up again.
+                if attempt == _REOPEN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _delete_from(self, relative: str, sop_instance_uid: str, series_uid: str) -> None:
+        """Append the tombstone; its durability commits the index removal."""
+        self._append(relative, lambda volume: append_tombstone(
+            volume, sop_instance_uid, series_uid,
+            on_durable=lambda location: self._unindex(sop_instance_uid, relative, location)))
 
     def _unindex(self, sop_instance_uid: str, relative: str, location: RecordLocation) -> None:
         self.level_cache.clear()

@@ -18,7 +18,7 @@ class VolumePool:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._open: OrderedDict[tuple[Path, bool], Volume] = OrderedDict()
-        self._users: dict[tuple[Path, bool], int] = {}
+        self._users: dict[int, int] = {}  # id(volume) -> borrowers
 
     @contextmanager
     def borrow(self, path: Path, *, writable: bool) -> Iterator[Volume]:
@@ -28,38 +28,51 @@ class VolumePool:
             volume = self._open.get(key)
             if volume is not None:
                 self._open.move_to_end(key)
-            self._users[key] = self._users.get(key, 0) + 1
+                self._users[id(volume)] = self._users.get(id(volume), 0) + 1
+        if volume is None:
+            opened = Volume.open(path, writable=writable, create=writable)
+            with self._lock:
+                volume = self._open.setdefault(key, opened)
+                self._users[id(volume)] = self._users.get(id(volume), 0) + 1
+            if volume is not opened:  # another thread opened it meanwhile
+                opened.close()
         try:
-            if volume is None:
-                volume = Volume.open(path, writable=writable, create=writable)
-                with self._lock:
-                    existing = self._open.setdefault(key, volume)
-                if existing is not volume:  # another thread opened it meanwhile
-                    volume.close()
-                    volume = existing
             yield volume
         finally:
             with self._lock:
-                self._users[key] -= 1
-                if not self._users[key]:
-                    del self._users[key]
+                self._release(volume)
                 self._evict()
 
     def forget(self, path: Path) -> None:
-        """Close the pooled descriptors of ``path`` (after compaction replaced the file)."""
+        """Stop handing out ``path``'s open descriptors (compaction replaced the file).
+
+        Descriptors still in use are closed by their last borrower.
+        """
         with self._lock:
-            for key in [key for key in self._open if key[0] == path and key not in self._users]:
-                self._open.pop(key).close()
+            for key in [key for key in self._open if key[0] == path]:
+                volume = self._open.pop(key)
+                if not self._users.get(id(volume)):
+                    volume.close()
 
     def close(self) -> None:
         """Close every idle volume."""
         with self._lock:
-            for key in [key for key in self._open if key not in self._users]:
-                self._open.pop(key).close()
+            for key in list(self._open):
+                if not self._users.get(id(self._open[key])):
+                    self._open.pop(key).close()
+
+    def _release(self, volume: Volume) -> None:
+        remaining = self._users[id(volume)] - 1
+        if remaining:
+            self._users[id(volume)] = remaining
+            return
+        del self._users[id(volume)]
+        if volume not in self._open.values():  # forgotten while in use
+            volume.close()
 
     def _evict(self) -> None:
         for key in list(self._open):
             if len(self._open) <= self._capacity:
                 return
-            if key not in self._users:
+            if not self._users.get(id(self._open[key])):
                 self._open.pop(key).close()

@@ -19,11 +19,12 @@ from .errors import (
     UndecodablePixelDataError,
     UnsupportedTransferSyntaxError,
 )
+from .format import RecordKind
 from .instance import EncodedInstance, encode_instance, is_valid_uid
 from .rebuild import RebuiltInstance, UnavailableSyntaxError, available_syntaxes, rebuild
 from .series import append_instance, append_tombstone, live_instances
 from .stored import StoredInstance
-from .volume import RecordLocation, Volume, VolumeFullError
+from .volume import RecordLocation, Volume, VolumeFullError, VolumeReplacedError
 
 __all__ = [
     "CorruptRecordError",
@@ -34,6 +35,7 @@ __all__ = [
     "EncodedInstance",
     "InvalidDatasetError",
     "RebuiltInstance",
+    "RecordKind",
     "RecordLocation",
     "StoredInstance",
     "UnavailableSyntaxError",
@@ -41,6 +43,7 @@ __all__ = [
     "UnsupportedTransferSyntaxError",
     "Volume",
     "VolumeFullError",
+    "VolumeReplacedError",
     "append_instance",
     "append_tombstone",
     "available_syntaxes",

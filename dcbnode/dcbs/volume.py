@@ -36,6 +36,10 @@ class VolumeFullError(DcbsError):
     """The file system refused the write (disk full, quota): nothing was appended."""
 
 
+class VolumeReplacedError(DcbsError):
+    """The file was unlinked (compaction replaced it) while this descriptor was open: reopen by path."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecordLocation:
     """Where a record lives in its volume: byte offset of its header and its total length."""
@@ -174,6 +178,10 @@ class Volume:
         payload_length = len(meta) + sum(len(part) for part in data_parts)
         header = RecordHeader(kind, payload_length, len(meta), crc32(meta)).pack()
         with self._locked():
+            if os.fstat(self._fd).st_nlink == 0:
+                # Compaction copied this volume and unlinked it while we waited for the lock: an
+                # append here would land in a file nobody will ever read.
+                raise VolumeReplacedError(f"{self.path}: volume was replaced; reopen it")
             start = self._refresh_end()
             try:
                 position = start

@@ -298,7 +298,10 @@ def _condition(match: Match, query: Query, glob: bool) -> ColumnElement[bool]:
         high = or_(Study.study_date < d_high, and_(Study.study_date == d_high,
                                                     Study.study_time <= _time_upper(t_high or "23"))) \
             if d_high else Study.study_date != ""
-        return and_(low, high)
+        # the plain date bounds the OR-ed conditions imply, so that the study_date index bounds the search
+        bounds = [Study.study_date >= d_low] if d_low else []
+        bounds += [Study.study_date <= d_high] if d_high else []
+        return and_(*bounds, low, high)
     if match.keyword in DERIVED_LISTS:
         column = DERIVED_LISTS[match.keyword]
         inner = (column.in_(match.values) if match.kind == "list"
@@ -593,7 +596,11 @@ def run_query(index: Index, query: Query, *, retrieve_ae_title: str = "", limit:
     sop_index = names.index("_sop") if "_sop" in names else None
     count = 0
     with index.engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=_FETCH_BATCH).execute(stmt)  # type: ignore[arg-type]
+        # PATIENT and STUDY matches can be a whole table: stream them (a server-side cursor on PostgreSQL);
+        # SERIES and IMAGE matches are one study's or series' worth, fetched in one go (fewer round trips).
+        # The per-batch look-ups below always use plain client-side cursors.
+        streamed = {"stream_results": True, "yield_per": _FETCH_BATCH} if query.level in ("PATIENT", "STUDY") else {}
+        result = conn.execute(stmt, execution_options=streamed)  # type: ignore[arg-type]
         for rows in result.partitions(_FETCH_BATCH):
             derived = {owner: _derived_values(conn, owner, needed[owner], list({row[i] for row in rows}))
                        for owner, i in owner_index.items()}

@@ -108,8 +108,6 @@ def handle_get(event: Event, context: NodeContext) -> Iterator[Any]:
     yield len(matches)
     assoc = event.assoc
     no_delay(assoc)
-    import os
-    assoc.dul._run_loop_delay = float(os.environ.get("DCB_LOOP", "0.001"))
     accepted = accepted_storage_syntaxes(assoc.accepted_contexts)
     context.log.info("C-GET of %d instance(s) by %s", len(matches), assoc.requestor.ae_title)
     receiver = _Receiver(assoc)

@@ -1,0 +1,104 @@
+"""The archive (volumes + index) without any network: ingest, compaction races, recovery."""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dcbnode.archive import Archive, volume_path_for
+from dcbnode.archive.recovery import recover
+from dcbnode.dcbs import Volume, VolumeReplacedError, append_instance, encode_instance, rebuild
+from tests.faithful import element_differences, pixels_equal, read
+
+
+def _ct_copy(series_uid: str | None = None) -> bytes:
+    """CT_small with a new SOP Instance UID (and optionally a given series)."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if series_uid:
+        dataset.SeriesInstanceUID = series_uid
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def archive(tmp_path: Path):
+    archive = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}")
+    yield archive
+    archive.close()
+
+
+def _retrieve(archive: Archive, sop_instance_uid: str) -> bytes:
+    with archive.open_instance(sop_instance_uid) as stored:
+        return rebuild(stored.meta, stored.blobs, stored.frame, "1.2.840.10008.1.2.1").part10()
+
+
+def test_append_to_an_unlinked_volume_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v.dcbs"
+    with Volume.open(path, writable=True, create=True) as volume:
+        os.unlink(path)
+        with pytest.raises(VolumeReplacedError):
+            append_instance(volume, encode_instance(_ct_copy()))
+
+
+def test_store_reopens_a_volume_replaced_under_the_pool(archive: Archive) -> None:
+    series = generate_uid()
+    first = _ct_copy(series)
+    archive.store(first)
+    # What compaction does last: the file the pool holds open disappears from its path.
+    os.unlink(archive.volume_file(volume_path_for(series)))
+    second = _ct_copy(series)
+    result = archive.store(second)
+    assert archive.volume_file(volume_path_for(series)).exists()
+    original, rebuilt = read(second), read(_retrieve(archive, result.sop_instance_uid))
+    assert element_differences(original, rebuilt) == []
+    assert pixels_equal(original, rebuilt)
+
+
+def test_recovery_indexes_a_record_that_never_reached_the_index(archive: Archive, tmp_path: Path) -> None:
+    data = _ct_copy()
+    encoded = encode_instance(data)
+    relative = volume_path_for(encoded.meta.series_instance_uid)
+    # A crash between the fsync of the record and the index commit: the record is in the volume only.
+    with Volume.open(archive.volume_file(relative), writable=True, create=True) as volume:
+        append_instance(volume, encoded)
+    with pytest.raises(KeyError):
+        _retrieve(archive, encoded.meta.sop_instance_uid)
+    report = recover(archive)
+    assert report.instances_indexed == 1
+    assert element_differences(read(data), read(_retrieve(archive, encoded.meta.sop_instance_uid))) == []
+    assert recover(archive).instances_indexed == 0  # nothing left beyond indexed_end
+
+
+def test_failed_index_commit_leaves_nothing_in_the_volume(archive: Archive) -> None:
+    data = _ct_copy()
+    encoded = encode_instance(data)
+    path = archive.volume_file(volume_path_for(encoded.meta.series_instance_uid))
+
+    def failing_commit(_location: object) -> None:
+        raise RuntimeError("index unavailable")
+
+    with Volume.open(path, writable=True, create=True) as volume:
+        size = volume.size()
+        with pytest.raises(RuntimeError):
+            append_instance(volume, encoded, failing_commit)
+        assert volume.size() == size
+        assert list(volume.records()) == []
+
+
+@pytest.mark.parametrize("policy, outcome", [("keep_first", "duplicate ignored"), ("replace", "replaced")])
+def test_duplicate_policies(tmp_path: Path, policy: str, outcome: str) -> None:
+    archive = Archive(tmp_path / "d", f"sqlite:///{tmp_path / 'd' / 'index.sqlite'}", duplicate_policy=policy)
+    data = _ct_copy()
+    assert archive.store(data).outcome.value == "stored"
+    assert archive.store(data).outcome.value == outcome
+    assert element_differences(read(data), read(_retrieve(archive, read(data).SOPInstanceUID))) == []
+    archive.close()
