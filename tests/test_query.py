@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import POSTGRES_ENV, _postgres_database
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -56,11 +57,24 @@ def _ct(patient_id: str, name: str, study: str, series: str, number: int, **attr
 STUDIES: dict[str, tuple] = {}
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    """An archive with CT_small variants and every charset file."""
-    root = tmp_path_factory.mktemp("query")
-    archive = Archive(root, f"sqlite:///{root / 'index.sqlite'}")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    """An archive with CT_small variants and every charset file (SQLite index, then PostgreSQL when
+    $DCBNODE_TEST_POSTGRES_URL is set, in a fresh database dropped afterwards)."""
+    if request.param == "sqlite":
+        root = tmp_path_factory.mktemp("query")
+        yield from _filled(root, f"sqlite:///{root / 'index.sqlite'}")
+        return
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL variant")
+    for url in _postgres_database(base):
+        yield from _filled(tmp_path_factory.mktemp("query-pg"), url)
+
+
+def _filled(root: Path, url: str) -> Iterator[Archive]:
+    STUDIES.clear()
+    archive = Archive(root, url)
     plan = [("P1", "SMITH^JOHN", "20200115", "101500", "ACC1", [("CT", 3), ("MR", 2)]),
             ("P1", "SMITH^JOHN", "20201231", "235959.5", "ACC2", [("CT", 1)]),
             ("P2", "Smithers^Wayland", "20210601", "080000", "ACC3", [("PT", 2)]),
@@ -343,6 +357,11 @@ DERIVED_STUDY_KEYS = {"StudyInstanceUID": "", "PatientName": "", "ModalitiesInSt
                       "NumberOfPatientRelatedStudies": ""}
 
 
+def _sqlite_only(archive: Archive) -> None:
+    if archive.index.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite query plan")
+
+
 @pytest.fixture
 def statements(archive: Archive) -> Iterator[list[str]]:
     """Every SQL statement the index runs during the test."""
@@ -412,6 +431,7 @@ def test_response_values_have_pydicom_types(archive: Archive) -> None:
     ({"AccessionNumber": "ACC1"}, "ix_studies_accession_number"),
 ])
 def test_study_queries_search_an_index(archive: Archive, keys: dict, index: str) -> None:
+    _sqlite_only(archive)
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     for keyword, value in {**DERIVED_STUDY_KEYS, **keys}.items():
@@ -426,6 +446,7 @@ def test_study_queries_search_an_index(archive: Archive, keys: dict, index: str)
 
 
 def test_combined_datetime_range_searches_the_date_index(archive: Archive) -> None:
+    _sqlite_only(archive)
     ds = Dataset()
     ds.QueryRetrieveLevel, ds.StudyDate, ds.StudyTime, ds.StudyInstanceUID = "STUDY", "20200115-20201231", \
         "1000-2359", ""

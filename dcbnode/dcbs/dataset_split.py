@@ -146,20 +146,11 @@ def _spans(dataset: Dataset, base: int) -> dict[str, list[int]]:
     return spans
 
 
-def encode_explicit_le(dataset: Dataset) -> bytes:
-    """Encode a dataset (no file meta) as Explicit VR Little Endian."""
+def encode_little_endian(dataset: Dataset, *, implicit_vr: bool = False) -> bytes:
+    """Encode a dataset (no file meta) as Explicit (default) or Implicit VR Little Endian."""
     buffer = DicomBytesIO()
     buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_dataset(buffer, dataset)
-    return buffer.getvalue()
-
-
-def encode_implicit_le(dataset: Dataset) -> bytes:
-    """Encode a dataset (no file meta) as Implicit VR Little Endian."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = True
+    buffer.is_implicit_VR = implicit_vr
     write_dataset(buffer, dataset)
     return buffer.getvalue()
 
@@ -177,8 +168,8 @@ def _reencode(dataset: Dataset, pixel_tag: int | None) -> tuple[bytes, bytes, di
             target = before if pixel_tag is None or element.tag < pixel_tag else after
             if element.tag != pixel_tag:
                 target.add(element)
-        header = encode_explicit_le(before)
-        suffix = encode_explicit_le(after)
+        header = encode_little_endian(before)
+        suffix = encode_little_endian(after)
     except Exception as exc:
         raise InvalidDatasetError(f"cannot re-encode the dataset: {exc}") from exc
     return header, suffix, _spans(parse_explicit_le(header), 0)

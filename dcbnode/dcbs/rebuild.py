@@ -23,7 +23,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
 
-from .dataset_split import encode_implicit_le, parse_explicit_le, span_key
+from .dataset_split import encode_little_endian, parse_explicit_le, span_key
 from .errors import DcbsError
 from .pixels import decode_frame, native_frame_bytes, zstd_decompress
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource
@@ -146,8 +146,8 @@ def _encode(header: bytes, pixel_element: bytes, suffix: bytes, syntax: UID) -> 
     """Join the parts; Implicit VR output re-encodes the header and suffix through pydicom."""
     if syntax != ImplicitVRLittleEndian:
         return b"".join((header, pixel_element, suffix))
-    return b"".join((encode_implicit_le(parse_explicit_le(header)), pixel_element,
-                     encode_implicit_le(parse_explicit_le(suffix)) if suffix else b""))
+    return b"".join((encode_little_endian(parse_explicit_le(header), implicit_vr=True), pixel_element,
+                     encode_little_endian(parse_explicit_le(suffix), implicit_vr=True) if suffix else b""))
 
 
 # -- pixel data -------------------------------------------------------------------------------------------
