@@ -4,26 +4,37 @@ DCMTK ``storescu`` sends the CT series (``bench/ctseries.py``) over one associat
 (``bench/peer_store_rates.py`` measures); dcbnode runs as a subprocess with a fresh data directory.
 
 Run: ``python bench/node_store.py [--count 300] [--repeats 3]``; writes ``bench/results/node_store.json``.
+
+``--concurrent 8 [--senders storescu|pynetdicom]`` instead sends the series to dcbnode alone over 8
+simultaneous associations (disjoint eighths of the series) and reports the aggregate rate and the node's
+memory: VmRSS once listening, sampled VmRSS during the ingest, and the peak VmHWM from
+``/proc/<pid>/status`` read just before the stop; every instance must end up in the index. Writes
+``bench/results/node_store_concurrent.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import start_node, stop_node
+from conftest import indexed_count, read_back, start_node, stop_node
 
 from bench._benchlib import Target, TargetFactory, machine_info, print_table, series_info, write_results
 from bench.ctseries import cached_ct_series
-from bench.peer_store_rates import TARGETS, run_benchmark
+from bench.peer_store_rates import STORESCU_ARGS, TARGETS, run_benchmark
+from tests.peers import run_storescu
 
 
 def dcbnode_target(expected: int | None = None, **node_config: object) -> TargetFactory:
@@ -43,14 +54,107 @@ def dcbnode_target(expected: int | None = None, **node_config: object) -> Target
     return factory
 
 
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (VmRSS, VmHWM…) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _send_storescu(files: Sequence[Path], host: str, port: int, aet: str, index: int) -> str | None:
+    result = run_storescu(files, host, port, aet, calling_aet=f"STORESCU{index}", extra_args=STORESCU_ARGS)
+    return None if result.returncode == 0 else f"storescu {index} exit {result.returncode}: {result.stderr[-500:]}"
+
+
+def _send_pynetdicom(files: Sequence[Path], host: str, port: int, aet: str, index: int) -> str | None:
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=f"PYSCU{index}")
+    for sop_class, syntax in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        return f"pynetdicom {index}: association not established"
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            if status.get("Status") != 0:
+                return f"pynetdicom {index}: status {status.get('Status')} for {ds.SOPInstanceUID}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return None
+
+
+def measure_concurrent(files: Sequence[Path], associations: int = 8, senders: str = "storescu",
+                       **node_config: object) -> dict[str, Any]:
+    """Send ``files`` to a fresh dcbnode over ``associations`` simultaneous associations; rate and RSS."""
+    send = {"storescu": _send_storescu, "pynetdicom": _send_pynetdicom}[senders]
+    parts = [list(files[i::associations]) for i in range(associations)]
+    with tempfile.TemporaryDirectory(prefix="bench-dcbnode-") as tmp:
+        node = start_node(Path(tmp), log_level="WARNING", max_associations=max(10, associations), **node_config)
+        pid = node.process.pid
+        try:
+            time.sleep(0.5)  # let the start-up settle (the wait-for-port probe, imports)
+            rss_idle = proc_status_kib(pid, "VmRSS")
+            samples: list[int] = []
+            errors: list[str] = []
+            threads = [threading.Thread(target=lambda i=i: errors.append(send(parts[i], node.host, node.port,
+                                                                              node.aet, i) or ""))
+                       for i in range(associations)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            while any(t.is_alive() for t in threads):
+                samples.append(proc_status_kib(pid, "VmRSS"))
+                time.sleep(0.1)
+            elapsed = time.perf_counter() - started
+            peak = proc_status_kib(pid, "VmHWM")
+            rss_after = proc_status_kib(pid, "VmRSS")
+        finally:
+            code = stop_node(node)
+        failures = [e for e in errors if e]
+        if code != 0 or failures:
+            raise RuntimeError(f"dcbnode exit {code}; {failures}; {node.log()[-2000:]}")
+        archive = read_back(node.data_dir)
+        try:
+            stored = indexed_count(archive)
+        finally:
+            archive.close()
+        if stored != len(files):
+            raise RuntimeError(f"{stored} instance(s) indexed, {len(files)} sent")
+    mib = 1024.0
+    return {
+        "associations": associations, "senders": senders, "instances": len(files), "seconds": elapsed,
+        "instances_per_s": len(files) / elapsed,
+        "rss_idle_mib": rss_idle / mib, "rss_median_during_mib": statistics.median(samples or [0]) / mib,
+        "rss_after_mib": rss_after / mib, "vmhwm_peak_mib": peak / mib,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
+                        help="dcbnode only: N simultaneous associations, report rate and peak RSS")
+    parser.add_argument("--senders", choices=("storescu", "pynetdicom"), default="storescu")
     args = parser.parse_args(argv)
     files = cached_ct_series(args.count)
     info = series_info(files)
+    if args.concurrent:
+        runs = [measure_concurrent(files, args.concurrent, args.senders) for _ in range(args.repeats)]
+        for run in runs:
+            print(f"{run['associations']} × {run['senders']}: {run['instances_per_s']:.1f} instances/s; node RSS "
+                  f"idle {run['rss_idle_mib']:.0f} MiB, median during {run['rss_median_during_mib']:.0f} MiB, "
+                  f"after {run['rss_after_mib']:.0f} MiB, peak VmHWM {run['vmhwm_peak_mib']:.0f} MiB", flush=True)
+        payload = {"benchmark": "node_store_concurrent", "series": info, "machine": machine_info(), "results": runs}
+        print(f"\nwrote {write_results('node_store_concurrent', payload)}")
+        return 0
     factories = {"dcbnode": dcbnode_target(len(files)), **{n: f(len(files)) for n, f in TARGETS.items()}}
     rows = run_benchmark(factories, files, repeats=args.repeats)
     print_table("storescu → target, one association (instances/s)", rows, info["bytes"] / len(files) / 1e6)

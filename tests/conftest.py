@@ -100,21 +100,64 @@ def stop_node(node: RunningNode, timeout: float = 30.0) -> int:
     return int(node.process.returncode)
 
 
+#: Per-test PostgreSQL databases are named ``dcbnode_test_<unix time>_<random>``; the time lets any run
+#: drop the ones a killed run left behind, without touching those of runs still going in parallel.
+_PG_PREFIX = "dcbnode_test_"
+_PG_STALE_SECONDS = 6 * 3600
+_pg_swept = False
+
+
+def _sweep_stale_databases(admin: Any) -> None:
+    """Drop per-test databases older than :data:`_PG_STALE_SECONDS` (left by a run that was killed).
+
+    Without FORCE: a database somebody still uses is skipped, never pulled from under them.
+    """
+    from sqlalchemy import text
+
+    now = time.time()
+    with admin.connect() as conn:
+        names = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                             {"p": _PG_PREFIX.replace("_", r"\_") + "%"}).scalars().all()
+    for name in names:
+        stamp = name[len(_PG_PREFIX):].split("_", 1)[0]
+        if stamp.isdigit() and now - int(stamp) > _PG_STALE_SECONDS:
+            with contextlib.suppress(Exception), admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
 def _postgres_database(base_url: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    """A fresh PostgreSQL database for one test, dropped afterwards (even while a node still holds
+    connections to it). Safe for concurrent test runs against one server: every name is unique."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
 
+    global _pg_swept
     url = make_url(base_url)
-    name = f"dcbnode_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    name = f"{_PG_PREFIX}{int(time.time())}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
-        yield url.set(database=name).render_as_string(hide_password=False)
+        if not _pg_swept:
+            _pg_swept = True
+            _sweep_stale_databases(admin)
+        for attempt in range(5):
+            try:
+                with admin.connect() as conn:
+                    conn.execute(text(f'CREATE DATABASE "{name}"'))
+                break
+            except OperationalError as exc:
+                # "source database template1 is being accessed by other users": somebody (another run,
+                # an admin) is connected to the template for a moment; CREATE DATABASE needs it alone.
+                if "being accessed by other users" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 

@@ -65,8 +65,10 @@ def _live_counts(data_dir: Path) -> dict[str, int]:
     return counts
 
 
-def test_eight_concurrent_associations_interleaved_series(running_node):
-    node = running_node(max_associations=10)
+# ``database_url`` before ``running_node``: fixtures are torn down in reverse, so the nodes are stopped
+# before the PostgreSQL database is dropped.
+def test_eight_concurrent_associations_interleaved_series(database_url, running_node):
+    node = running_node(max_associations=10, database_url=database_url)
     study = pydicom.uid.generate_uid()
     series = [_series(12, pydicom.uid.generate_uid(), study) for _ in range(4)]
     # Eight associations, two per series, each sending every other slice: the series interleave.
@@ -83,13 +85,13 @@ def test_eight_concurrent_associations_interleaved_series(running_node):
     assert sorted(acknowledged) == sorted(every)
     assert stop_node(node) == 0
     assert sorted(_live_counts(node.data_dir).values()) == [12, 12, 12, 12]
-    archive = read_back(node.data_dir)
+    archive = read_back(node.data_dir, database_url)
     assert indexed_count(archive) == 48
     archive.close()
 
 
-def test_kill_9_during_ingest_keeps_every_acknowledged_instance(running_node):
-    node = running_node()
+def test_kill_9_during_ingest_keeps_every_acknowledged_instance(database_url, running_node):
+    node = running_node(database_url=database_url)
     datasets = _series(150, pydicom.uid.generate_uid(), pydicom.uid.generate_uid())
     acknowledged: list[str] = []
     errors: list[str] = []
@@ -103,10 +105,10 @@ def test_kill_9_during_ingest_keeps_every_acknowledged_instance(running_node):
     sender.join(60)
     assert 40 <= len(acknowledged) < 150, len(acknowledged)
 
-    again = running_node(name="restarted", data_dir=node.data_dir)
+    again = running_node(name="restarted", data_dir=node.data_dir, database_url=database_url)
     assert "recovery:" in again.log()
     assert stop_node(again) == 0
-    archive = read_back(node.data_dir)
+    archive = read_back(node.data_dir, database_url)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     for uid in acknowledged:
         rebuilt = read(rebuilt_part10(archive, uid))

@@ -72,7 +72,7 @@ def _storescu_profile(path: Path, files: list[Path]) -> Path:
     return path
 
 
-def test_dcmtk_storescu_folders_files_and_compressed(running_node, tmp_path, database_url):
+def test_dcmtk_storescu_folders_files_and_compressed(database_url, running_node, tmp_path):
     folder = tmp_path / "dicomdirtests"
     not_instances = shutil.ignore_patterns("DICOMDIR*", "README*", "*.txt")
     shutil.copytree(TEST_FILES / "dicomdirtests", folder, ignore=not_instances)
@@ -114,7 +114,7 @@ def _htj2k_file(tmp_path: Path) -> pydicom.Dataset:
     return reread
 
 
-def test_pynetdicom_scu_compressed(running_node, tmp_path, database_url):
+def test_pynetdicom_scu_compressed(database_url, running_node, tmp_path):
     files = [TEST_FILES / name for name in PYNETDICOM_COMPRESSED]
     htj2k = _htj2k_file(tmp_path)
     node = running_node(database_url=database_url)

@@ -33,6 +33,8 @@ from faithful import element_differences, pixels_equal, read
 from pydicom.data import data_manager
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL
 
 from dcbnode import dcbs
@@ -48,8 +50,13 @@ EXPECTED_REJECTIONS: dict[str, tuple[type[dcbs.InvalidDatasetError], str]] = {
     "JPEG-lossy.dcm": (dcbs.UndecodablePixelDataError, "compressed frame 0 cannot be decoded"),
     "JPEG2000-embedded-sequence-delimiter.dcm": (dcbs.UndecodablePixelDataError,
                                                  "compressed frame 0 cannot be decoded"),
-    # Truncated pixel data.
-    "MR_truncated.dcm": (dcbs.InvalidDatasetError, "Pixel Data has 8130 bytes, its attributes require 8192"),
+    # Cut short: pydicom reads them silently, the library checks every top-level length against the stream.
+    "MR_truncated.dcm": (dcbs.InvalidDatasetError,
+                         "dataset is truncated: element (7FE0,0010) needs 8192 bytes, 8130 remain"),
+    "rtplan_truncated.dcm": (dcbs.InvalidDatasetError,
+                             "dataset is truncated: element (300A,00B0) needs 976 bytes, 711 remain"),
+    # Not parseable: no preamble, no file meta and a stray first byte; pydicom reads one absurd element.
+    "no_meta.dcm": (dcbs.InvalidDatasetError, "dataset is truncated: element (0820,0500)"),
     # Missing or invalid UIDs.
     "JPEGLSNearLossless_08.dcm": (dcbs.InvalidDatasetError, "StudyInstanceUID is missing"),
     "JPEGLSNearLossless_16.dcm": (dcbs.InvalidDatasetError, "StudyInstanceUID is missing"),
@@ -60,27 +67,12 @@ EXPECTED_REJECTIONS: dict[str, tuple[type[dcbs.InvalidDatasetError], str]] = {
     "emri_small_jpeg_2k_lossless_too_short.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "meta_missing_tsyntax.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "nested_priv_SQ.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
-    "no_meta.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "no_meta_group_length.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "priv_SQ.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "bad_sequence.dcm": (dcbs.InvalidDatasetError, "SOPInstanceUID is not a valid UID"),
     # Image attributes that are not numbers.
     "badVR.dcm": (dcbs.InvalidDatasetError, "NumberOfFrames is not a number"),
-    # The file ends inside a sequence: pydicom reads it silently with a short last value (see the xfail).
-    "rtplan_truncated.dcm": (dcbs.InvalidDatasetError, "truncated"),
 }
-
-#: Expected rejections that the library does not produce yet (bugs reported to the lead).
-KNOWN_BUGS = {
-    "rtplan_truncated.dcm": (
-        "BUG: a dataset cut short is accepted. pydicom reads rtplan_truncated.dcm without error although "
-        "its top-level (300A,00B0) Beam Sequence declares 976 bytes at offset 1418 and the file has 2129; "
-        "split_dataset re-encodes what pydicom read, so the archive silently stores a 'repaired' dataset. "
-        "Fix: in split_dataset, refuse any top-level RawDataElement with a defined length whose "
-        "value_tell + length exceeds len(data) (InvalidDatasetError('dataset is truncated: ...'))."
-    ),
-}
-
 
 def _test_files() -> list[Path]:
     """pydicom's ``test_files/*`` plus the installed pydicom-data files: no download, non-DICOM skipped."""
@@ -96,8 +88,7 @@ BY_NAME = {path.name: path for path in FILES}
 
 
 def _file_param(path: Path) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[path.name])] if path.name in KNOWN_BUGS else []
-    return pytest.param(path, id=path.name, marks=marks)
+    return pytest.param(path, id=path.name)
 
 
 @contextlib.contextmanager
@@ -182,6 +173,21 @@ def _check_htj2k_encapsulation(rebuilt: Dataset, frames: int, where: str) -> Non
     assert [len(fragments) for fragments in fragmented] == [1] * frames, where
     assert int.from_bytes(rebuilt.PixelData[4:8], "little") == 4 * frames, where
     assert "ExtendedOffsetTable" not in rebuilt, where
+
+
+@pytest.mark.parametrize("cut", [
+    pytest.param(1000, id="inside-an-element-value"),
+    pytest.param(39206 - 2000, id="inside-pixel-data"),
+    pytest.param(39206 - 1, id="inside-trailing-padding-value"),
+    pytest.param(39068 + 8, id="inside-trailing-padding-length"),
+    pytest.param(39068 + 4, id="inside-trailing-padding-tag"),
+])
+def test_cut_stream_is_refused(cut: int) -> None:
+    """A Part-10 stream cut anywhere (here CT_small.dcm, 39206 bytes, Pixel Data ending at 39068) is refused."""
+    data = BY_NAME["CT_small.dcm"].read_bytes()
+    assert len(data) == 39206
+    with pytest.raises(dcbs.InvalidDatasetError, match=r"truncated|cannot parse"):
+        dcbs.encode_instance(data[:cut])
 
 
 # -- HTJ2K output read by a second, independent decoder -----------------------------------------------------
@@ -420,3 +426,39 @@ def test_htj2k_lossy_syntax_input_is_kept_original(tmp_path: Path) -> None:
         assert {entry.codec for entry in stored.meta.frames} == {Codec.ORIGINAL}
         assert dcbs.available_syntaxes(stored.meta)[0] == HTJ2K
         assert read(rebuilt_part10(stored, HTJ2K)).PixelData == read(data).PixelData
+
+
+# -- retired group lengths ------------------------------------------------------------------------------------------
+
+def image_group_length(part10: bytes) -> tuple[int, int] | None:
+    """(declared (0028,0000) value, bytes group 0028 takes in Explicit VR LE) of a Part-10 file, or None."""
+    dataset = read(part10)
+    if 0x00280000 not in dataset:
+        return None
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    for element in dataset.group_dataset(0x0028):
+        if element.tag.element != 0:
+            write_data_element(buffer, element)
+    return int(dataset[0x00280000].value), len(buffer.getvalue())
+
+
+GROUP_LENGTH_CASES = [
+    pytest.param("color-pl.dcm", HTJ2KLossless, id="rgb-planar-htj2k"),  # RGB -> YBR_RCT: 4 bytes longer
+    pytest.param("color-px.dcm", HTJ2KLossless, id="rgb-htj2k"),
+    pytest.param("color-pl.dcm", ExplicitVRLittleEndian, id="rgb-planar-native"),
+    pytest.param("693_J2KR.dcm", HTJ2KLossless, id="j2k-htj2k"),
+    pytest.param("693_UNCR.dcm", HTJ2KLossless, id="native-htj2k"),
+    pytest.param("693_UNCR.dcm", ExplicitVRLittleEndian, id="native-native"),
+]
+
+
+@pytest.mark.parametrize(("name", "syntax"), GROUP_LENGTH_CASES)
+def test_group_length_of_patched_group_is_true_or_gone(name: str, syntax: UID, tmp_path: Path) -> None:
+    """Output forms patch Image Pixel elements: a retired (0028,0000) the input carried (PS3.5 7.2) must then
+    be dropped or still measure its group, never left stale (color-pl.dcm's 104 would be 4 bytes short)."""
+    original = image_group_length(BY_NAME[name].read_bytes())
+    assert original is not None and original[0] == original[1]  # the inputs carry a correct one
+    with stored_instance(BY_NAME[name], tmp_path) as stored:
+        rebuilt = image_group_length(rebuilt_part10(stored, syntax))
+    assert rebuilt is None or rebuilt[0] == rebuilt[1]

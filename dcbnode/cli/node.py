@@ -7,12 +7,11 @@ before anything is bound), 1 for any other start-up failure (e.g. the port is ta
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from .. import service_notify
@@ -53,26 +52,48 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+#: Signals the main thread takes with sigwait(); SIGHUP reloads, the others stop the node.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+
+
 class _Signals:
-    """Signal handlers only set flags; the main thread does the work outside the handler."""
+    """SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken synchronously by the main thread.
+
+    A Python signal handler only runs when the main thread executes bytecode. The kernel delivers a
+    process-directed signal to *any* thread that does not block it, so a main thread sleeping in an
+    untimed ``Event.wait()`` could miss a SIGTERM taken by a pynetdicom thread for good; and a handler
+    that calls ``Event.set()`` deadlocks when it interrupts the main thread inside that Event's own
+    lock. Blocking the signals before any thread starts (threads inherit the mask) and collecting them
+    with ``sigwait`` avoids both: no handler runs asynchronously, and a signal sent at any time (during
+    recovery too) stays pending until the main thread asks for it.
+    """
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.stop = False
-        self.reload = False
+        self._previous: set[signal.Signals] | None = None
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+    def block(self) -> None:
+        """Block the signals in this thread and in every thread it starts from now on."""
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        # SIGUSR1 dumps every thread's stack to stderr, so a stop that hangs can be diagnosed in place.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop = True
-        self.wake.set()
+    def unblock(self) -> None:
+        """Restore the mask (only matters when ``serve`` runs in-process, e.g. under a debugger)."""
+        if self._previous is not None:
+            faulthandler.unregister(signal.SIGUSR1)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+            self._previous = None
 
-    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload = True
-        self.wake.set()
+    @staticmethod
+    def stop_pending() -> bool:
+        """A stop signal arrived and was not collected yet."""
+        return bool(signal.sigpending() & _STOP_SIGNALS)
+
+    @staticmethod
+    def wait() -> int:
+        """Block until one of the signals arrives; its number."""
+        return signal.sigwait(_SIGNALS)
 
 
 def _reload(node: Node, config: Config, overrides: dict[str, object]) -> None:
@@ -107,7 +128,14 @@ def serve(args: argparse.Namespace) -> int:
 
     configure_logging(config.node.log_level)
     signals = _Signals()
-    signals.install()  # early: a SIGTERM during recovery must still stop cleanly
+    signals.block()  # before any thread exists: a SIGTERM during recovery must still stop cleanly
+    try:
+        return _serve(config, overrides, signals)
+    finally:
+        signals.unblock()
+
+
+def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> int:
     # Heavy imports after the config check, so a bad config fails fast.
     from ..archive import Archive
     from ..archive.recovery import recover
@@ -124,6 +152,9 @@ def serve(args: argparse.Namespace) -> int:
                  report.volumes, report.torn_bytes_cut, report.instances_indexed, report.instances_removed)
         for problem in report.problems:
             log.error("recovery problem: %s", problem)
+        if signals.stop_pending():
+            log.info("stop requested during recovery; not accepting associations")
+            return EXIT_OK
         node = Node(NodeContext(config=config, archive=archive))
         try:
             node.start()
@@ -132,18 +163,14 @@ def serve(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         log.info("%s accepting associations on %s:%d", node_cfg.ae_title, node_cfg.bind, node.port)
         service_notify.ready(f"accepting associations on port {node.port}")
-        while not signals.stop:
-            signals.wake.wait()
-            signals.wake.clear()
-            if signals.reload and not signals.stop:
-                signals.reload = False
-                _reload(node, node.context.config, overrides)
+        while signals.wait() == signal.SIGHUP:
+            _reload(node, node.context.config, overrides)
         log.info("stop requested; finishing in-flight operations")
         service_notify.stopping()
         node.stop(grace=node_cfg.dimse_timeout)
     finally:
         archive.close()
-    log.info("stopped")
+        log.info("stopped")
     return EXIT_OK
 
 

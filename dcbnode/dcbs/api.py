@@ -22,14 +22,13 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 
+from .dataset_split import truncation
 from .errors import DcbsError, DcbsFormatError, InvalidDatasetError
 from .instance import encode_instance
 from .rebuild import RebuiltInstance, available_syntaxes, rebuild
 from .series import append_instance, live_instances
 from .stored import StoredInstance
 from .volume import Volume, fsync_directory
-
-_SORT_TAGS = ["SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient", "SOPInstanceUID", "PixelData"]
 
 
 @dataclass(frozen=True)
@@ -60,26 +59,29 @@ def load_from_dicom_folder(folder: str | os.PathLike[str], *, recursive: bool = 
         raise DcbsError(f"{folder}: not a directory")
     candidates = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
     keyed: list[tuple[tuple, Path]] = []
-    series: set[str] = set()
+    series: dict[str, Path] = {}
     for path in candidates:
         header = _read_header(path)
-        series.add(str(header.SeriesInstanceUID))
+        series.setdefault(str(header.SeriesInstanceUID), path)
         keyed.append((_sort_key(_int(header, "InstanceNumber"), _position(header), str(header.SOPInstanceUID)),
                       path))
     if not keyed:
         raise DcbsError(f"{folder}: no DICOM files found")
     if len(series) > 1:
-        raise InvalidDatasetError(f"{folder}: holds {len(series)} series; give one series folder")
-    return DicomSeries(series.pop(), tuple(path for _, path in sorted(keyed)))
+        found = "; ".join(f"{uid} (e.g. {path.name})" for uid, path in series.items())
+        raise InvalidDatasetError(f"{folder}: holds {len(series)} series: {found}; give one series folder")
+    return DicomSeries(next(iter(series)), tuple(path for _, path in sorted(keyed)))
 
 
 def _read_header(path: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = dcmread(path, stop_before_pixels=False, specific_tags=_SORT_TAGS, defer_size=64)
+            header = dcmread(path, defer_size=1024)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise InvalidDatasetError(f"not a readable DICOM file: {exc}", source=path) from exc
+    if problem := truncation(header, path.stat().st_size):
+        raise InvalidDatasetError(problem, source=path)
     for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
         if not header.get(keyword):
             raise InvalidDatasetError(f"{keyword} is missing", source=path)
@@ -149,6 +151,8 @@ class DcbStreamingReader:
         """The stored record of frame ``index``."""
         if self._dicube is not None:
             raise DcbsError(f"{self.path}: DiCube volumes hold no DCBS records")
+        if not 0 <= index < len(self._instances):
+            raise IndexError(f"frame {index} out of range: {self.path} has {len(self._instances)} frames")
         return self._instances[index]
 
     def get_dicom_for_frame(self, index: int, force_uncompressed: bool = False) -> bytes:
@@ -159,7 +163,7 @@ class DcbStreamingReader:
         """
         if self._dicube is not None:
             return self._dicube.get_dicom_for_frame(index, force_uncompressed=force_uncompressed)
-        stored = self._instances[index]
+        stored = self.get_instance(index)
         syntax = ExplicitVRLittleEndian if force_uncompressed else available_syntaxes(stored.meta)[0]
         if not force_uncompressed and HTJ2KLossless in available_syntaxes(stored.meta):
             syntax = HTJ2KLossless

@@ -8,6 +8,7 @@ are spliced back later without any per-element rebuild; other encodings are re-e
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -30,7 +32,7 @@ from .errors import InvalidDatasetError
 #: Top-level pixel data elements: Pixel Data, Float Pixel Data, Double Float Pixel Data.
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 #: Top-level elements that some output forms replace or drop; their byte spans are recorded.
-PATCHABLE_TAGS = (0x00280004, 0x00280006, 0x7FE00001, 0x7FE00002)
+PATCHABLE_TAGS = (0x00280000, 0x00280004, 0x00280006, 0x7FE00000, 0x7FE00001, 0x7FE00002)
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
 
@@ -64,6 +66,8 @@ def split_dataset(data: bytes, *, transfer_syntax: str | None = None) -> SplitDa
     except Exception as exc:  # pydicom raises many types for malformed streams
         raise InvalidDatasetError(f"cannot parse the dataset: {exc}") from exc
     syntax = UID(transfer_syntax or _transfer_syntax_of(dataset))
+    if syntax != DeflatedExplicitVRLittleEndian and (problem := truncation(dataset, len(data))):
+        raise InvalidDatasetError(problem)
     pixel_tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
     pixel_element = dataset.get_item(pixel_tag) if pixel_tag is not None else None
     if pixel_element is not None and not isinstance(pixel_element, RawDataElement):
@@ -80,6 +84,35 @@ def split_dataset(data: bytes, *, transfer_syntax: str | None = None) -> SplitDa
                         pixel_element, len(data) - meta_end)
 
 
+def truncation(dataset: Dataset, size: int) -> str | None:
+    """Describe how a dataset read by pydicom was cut short, or None when it is complete.
+
+    pydicom reads a truncated stream without complaint: the last element keeps the bytes that are
+    there, and a cut inside an element header just ends the dataset early.  So: every defined-length
+    top-level value must be complete, and the last element must end where the stream ends.  Positions
+    are those of the stream as stored, so deflated datasets are not checked here.
+    """
+    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return None
+    end = None
+    for tag in sorted(dataset.keys()):  # keys(): iterating a Dataset would decode every element
+        element = dataset.get_item(tag)
+        if not isinstance(element, RawDataElement):
+            end = None  # decoded eagerly by pydicom (Specific Character Set): its position is unknown
+            continue
+        if element.length == 0xFFFFFFFF:
+            end = None if element.value is None else element.value_tell + len(element.value) + 8
+            continue
+        available = size - element.value_tell if element.value is None else len(element.value)
+        if available < element.length:
+            return (f"dataset is truncated: element {BaseTag(tag)} needs {element.length} bytes, "
+                    f"{max(available, 0)} remain")
+        end = element.value_tell + element.length
+    if end is not None and end < size:
+        return f"dataset is truncated: {size - end} bytes after the last element do not form an element"
+    return None
+
+
 def _transfer_syntax_of(dataset: Dataset) -> str:
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax:
@@ -94,21 +127,34 @@ def _meta_start(data: bytes) -> int:
     return 132 if data[128:132] == b"DICM" else 0
 
 
-def _file_meta_end(data: bytes) -> int:
-    """Offset of the first dataset element: group 0002 is always Explicit VR Little Endian."""
-    position = _meta_start(data)
+def explicit_elements(data: bytes, position: int = 0, *, group: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """Walk top-level Explicit VR Little Endian elements: (tag, start, end) of each.
+
+    Only for element runs without undefined lengths, such as the file meta group; stops at the end of
+    ``data``, at a truncated element, or at the first element outside ``group`` when one is given.
+    """
     while position + 8 <= len(data):
-        group, = struct.unpack_from("<H", data, position)
-        if group != 0x0002:
-            break
+        group_number, element_number = struct.unpack_from("<HH", data, position)
+        if group is not None and group_number != group:
+            return
         vr = data[position + 4 : position + 6].decode("latin-1")
         if vr in _LONG_VRS:
+            if position + 12 > len(data):
+                return
             (length,) = struct.unpack_from("<I", data, position + 8)
-            position += 12 + length
+            end = position + 12 + length
         else:
             (length,) = struct.unpack_from("<H", data, position + 6)
-            position += 8 + length
-    return position
+            end = position + 8 + length
+        yield (group_number << 16) | element_number, position, min(end, len(data))
+        position = end
+
+
+def _file_meta_end(data: bytes) -> int:
+    """Offset of the first dataset element: group 0002 is always Explicit VR Little Endian."""
+    start = _meta_start(data)
+    ends = [end for _, _, end in explicit_elements(data, start, group=0x0002)]
+    return ends[-1] if ends else start
 
 
 def _starts_explicit(data: bytes, position: int) -> bool:

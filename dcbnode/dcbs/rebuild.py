@@ -17,13 +17,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from io import BytesIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
 
-from .dataset_split import encode_little_endian, parse_explicit_le, span_key
+from .dataset_split import encode_little_endian, explicit_elements, parse_explicit_le, span_key
 from .errors import DcbsError
 from .pixels import decode_frame, native_frame_bytes, zstd_decompress
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource
@@ -101,7 +98,7 @@ def _each(frames: FrameSource, meta: InstanceMeta) -> Iterable[bytes]:
 
 
 def _patch(header: bytes, meta: InstanceMeta, photometric: str | None, planar: int | None) -> bytes:
-    """Replace Photometric Interpretation and Planar Configuration; drop the Extended Offset Table."""
+    """Replace Photometric Interpretation and Planar Configuration; drop what they invalidate."""
     replacements: list[tuple[int, int, bytes]] = []
     spans = meta.spans
     if photometric and (span := spans.get(span_key(0x00280004))):
@@ -110,7 +107,9 @@ def _patch(header: bytes, meta: InstanceMeta, photometric: str | None, planar: i
         replacements.append((*span, struct.pack("<HH2sH", 0x0028, 0x0004, b"CS", len(value)) + value))
     if planar is not None and (span := spans.get(span_key(0x00280006))):
         replacements.append((*span, struct.pack("<HH2sHH", 0x0028, 0x0006, b"US", 2, planar)))
-    for tag in (0x7FE00001, 0x7FE00002):
+    # The Extended Offset Table no longer matches the new fragments, and the retired Group Lengths
+    # (PS3.5 7.2) of the groups whose elements change would no longer match them either.
+    for tag in (0x00280000, 0x7FE00000, 0x7FE00001, 0x7FE00002):
         if span := spans.get(span_key(tag)):
             replacements.append((*span, b""))
     if not replacements:
@@ -125,21 +124,31 @@ def _patch(header: bytes, meta: InstanceMeta, photometric: str | None, planar: i
 
 
 def _file_meta(meta: InstanceMeta, blobs: InstanceBlobs, syntax: UID) -> bytes:
-    file_meta = FileMetaDataset()
-    if blobs.file_meta:
-        received = parse_explicit_le(blobs.file_meta)
-        for element in received:
-            if element.tag not in _REPLACED_META:
-                file_meta.add(element)
-    file_meta.FileMetaInformationVersion = b"\x00\x01"
-    file_meta.MediaStorageSOPClassUID = meta.sop_class_uid
-    file_meta.MediaStorageSOPInstanceUID = meta.sop_instance_uid
-    file_meta.TransferSyntaxUID = syntax
-    file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buffer = BytesIO()
-    write_file_meta_info(buffer, file_meta, enforce_standard=True)
-    return buffer.getvalue()
+    """The File Meta Information group (PS3.10 7.1), encoded directly.
+
+    The received group's elements are kept byte for byte, except those that describe the writer or the
+    encoding; those are dcbnode's own.  Writing through pydicom cost most of an HTJ2K rebuild.
+    """
+    elements = {tag: blobs.file_meta[start:end] for tag, start, end in explicit_elements(blobs.file_meta)
+                if tag not in _REPLACED_META}
+    elements[0x00020001] = _meta_element(0x00020001, "OB", b"\x00\x01")
+    elements[0x00020002] = _meta_element(0x00020002, "UI", _uid_value(meta.sop_class_uid))
+    elements[0x00020003] = _meta_element(0x00020003, "UI", _uid_value(meta.sop_instance_uid))
+    elements[0x00020010] = _meta_element(0x00020010, "UI", _uid_value(syntax))
+    elements[0x00020012] = _meta_element(0x00020012, "UI", _uid_value(IMPLEMENTATION_CLASS_UID))
+    elements[0x00020013] = _meta_element(0x00020013, "SH", _even(IMPLEMENTATION_VERSION_NAME.encode(), b" "))
+    body = b"".join(elements[tag] for tag in sorted(elements))
+    return _meta_element(0x00020000, "UL", struct.pack("<I", len(body))) + body
+
+
+def _meta_element(tag: int, vr: str, value: bytes) -> bytes:
+    if vr == "OB":
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"OB", 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    return _even(uid.encode("ascii"), b"\0")  # UIDs are padded with NUL (PS3.5 9.1)
 
 
 def _encode(header: bytes, pixel_element: bytes, suffix: bytes, syntax: UID) -> bytes:
@@ -183,8 +192,8 @@ def _split(data: bytes, lengths: list[int]) -> list[bytes]:
     return pieces
 
 
-def _even(data: bytes) -> bytes:
-    return data + b"\0" if len(data) % 2 else data
+def _even(data: bytes, pad: bytes = b"\0") -> bytes:
+    return data + pad if len(data) % 2 else data
 
 
 def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource,

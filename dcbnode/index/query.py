@@ -539,6 +539,7 @@ def _element(tag: BaseTag, vr: str, value: object) -> DataElement:
 
 
 def _build(plan: _ResponsePlan, row: tuple, derived: dict[str, dict[int, dict]], header: Dataset | None) -> Dataset:
+    """The response dataset of one matching row."""
     ds = Dataset()
     elements = ds._dict
     texts: list[str] = []

@@ -7,12 +7,15 @@ archived); and, when their modules are present, Patient/Study Root C-FIND, C-MOV
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -132,28 +135,84 @@ class Node:
         apply_access(self.ae, self.context.config)
 
     def stop(self, grace: float) -> None:
-        """Stop accepting, let in-flight C-STOREs finish (up to ``grace`` s), then end associations."""
+        """Stop accepting, let the C-STOREs being processed finish (up to ``grace`` s), end every
+        connection, and return once no pynetdicom thread is left that could hold the process open.
+
+        Bounded: about ``grace`` + :data:`_CLOSE_TIMEOUT` seconds at worst, well under a second when idle.
+        """
         server = self._server
         if server is None:
             return
-        # socketserver's shutdown ends the accept loop only; unlike AE.shutdown() it does not abort
-        # the associations in progress.
+        # C-STOREs arriving from now on are refused with 0xA700 (the sender may retry), so the wait
+        # below cannot be prolonged by new work.
+        self.in_flight.close()
+        # ThreadedAssociationServer.shutdown(): ends the accept loop, closes the listening socket and
+        # joins the request threads (each only starts an AcceptorThread). Unlike AE.shutdown() it does
+        # not abort the associations in progress.
         server.shutdown()
-        active = server.active_associations
-        if active:
-            log.info("waiting for %d association(s) to finish their current operation", len(active))
-        if not self.in_flight.wait_idle(grace):
-            log.warning("C-STOREs still running after %.0f s; aborting their associations", grace)
-        for assoc in server.active_associations:
-            # Idle associations could stay open for network_timeout: end them now.
-            assoc.abort()
-        # A C-STORE that began in this window still runs to completion in its own thread (the peer
-        # just never sees the response); it must end before the caller closes the archive.
-        self.in_flight.wait_idle(grace)
-        for assoc in active:
-            # Connections that never sent an A-ASSOCIATE-RQ (port probes) linger until acse_timeout;
-            # there is nothing to wait for in them.
-            assoc.join(timeout=0.5)
+        busy = self.in_flight.count
+        if busy:
+            log.info("waiting up to %.0f s for %d C-STORE(s) in progress", grace, busy)
+            if not self.in_flight.wait_idle(grace):
+                log.warning("C-STOREs still running after %.0f s; aborting their associations", grace)
+        associations = server.active_associations
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        for assoc in associations:
+            _end_connection(assoc)
+        for assoc in associations:
+            _stop_dul(assoc, deadline)
+        for assoc in associations:
+            # The AcceptorThread notices its DUL thread ended and returns (or is still in a handler
+            # past the grace; it is a daemon thread, nothing waits for it at exit).
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        # A handler that overran the grace may still be writing: give it the rest of the close time
+        # before the caller closes the archive.
+        self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
         self._server = None
-        log.info("stopped accepting associations")
+        log.info("stopped accepting associations (%d connection(s) ended)", len(associations))
 
+
+#: After the grace, how long the peers get to close their end after our A-ABORT, and the handlers to end.
+_CLOSE_TIMEOUT = 2.0
+
+# pynetdicom 3.0's Association.abort() blocks in Association.kill() until the DUL state machine is
+# back in Sta1 (idle), with no time limit, and raises InvalidEventError in the DUL thread for a
+# connection that never sent an A-ASSOCIATE-RQ (A-ABORT request in Sta2 is not a valid event). Its DUL
+# threads are non-daemon, so one left running keeps the interpreter from exiting. The helpers below
+# end each connection by the state table instead, then stop the DUL threads with a deadline.
+
+
+def _end_connection(assoc: Association) -> None:
+    """Start ending ``assoc``'s connection without blocking: A-ABORT an association, close a bare
+    connection (PS3.8 9.2: in Sta2 there is no association to abort)."""
+    dul = assoc.dul
+    state = dul.state_machine.current_state
+    if state == "Sta2":
+        # Transport open, awaiting A-ASSOCIATE-RQ (e.g. a port probe): act as if the ARTIM timer
+        # expired (Sta2 + Evt18 -> AA-2), which closes the connection, reports EVT_CONN_CLOSE and
+        # stops the DUL thread.
+        dul.event_queue.put("Evt18")
+    elif state != "Sta1" and not (assoc.is_aborted or assoc.is_released or assoc.is_rejected):
+        # A-ABORT (AA-1) and Sta13 until the peer closes its end or ARTIM expires.
+        assoc.abort(block=False)
+    if state in ("Sta1", "Sta2"):
+        # The AcceptorThread waits up to acse_timeout for the A-ASSOCIATE-RQ: wake it (None is what a
+        # timeout returns; it then stops the association itself).
+        dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+
+def _stop_dul(assoc: Association, deadline: float) -> None:
+    """Wait (until ``deadline``) for ``assoc``'s DUL to return to Sta1, then stop its thread."""
+    dul = assoc.dul
+    while dul.is_alive() and dul.state_machine.current_state != "Sta1" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if dul.is_alive() and dul.state_machine.current_state != "Sta1":
+        log.warning("connection from %s:%s did not close in time; dropping it",
+                    *assoc.requestor.address_info.as_tuple[:2])
+        with contextlib.suppress(Exception):
+            dul.socket.close()  # type: ignore[union-attr]
+    # The DUL loop checks this flag every millisecond; a DUL thread the AcceptorThread has not started
+    # yet exits on its first iteration.
+    dul.kill_dul()
+    if dul.ident is not None:
+        dul.join(max(0.1, deadline - time.monotonic()))

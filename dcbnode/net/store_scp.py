@@ -39,21 +39,39 @@ _SOP_INSTANCE_UID_TAG: Final = 0x00080018
 
 
 class InFlight:
-    """Counts C-STOREs being processed, so a graceful stop can wait for them to finish."""
+    """Counts C-STOREs being processed, so a graceful stop can wait for them to finish; once closed, no
+    new one may begin."""
 
     def __init__(self) -> None:
         self._count = 0
+        self._closed = False
         self._idle = threading.Condition()
 
-    def __enter__(self) -> None:
+    @property
+    def count(self) -> int:
+        """C-STOREs in progress now."""
         with self._idle:
-            self._count += 1
+            return self._count
 
-    def __exit__(self, *exc: object) -> None:
+    def begin(self) -> bool:
+        """Count one more C-STORE; False (nothing counted) once :meth:`close` was called."""
+        with self._idle:
+            if self._closed:
+                return False
+            self._count += 1
+            return True
+
+    def end(self) -> None:
+        """One C-STORE is done."""
         with self._idle:
             self._count -= 1
             if not self._count:
                 self._idle.notify_all()
+
+    def close(self) -> None:
+        """Refuse every C-STORE that has not begun yet."""
+        with self._idle:
+            self._closed = True
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no C-STORE is in progress; False if ``timeout`` expired first."""
@@ -102,9 +120,13 @@ def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dat
     requested_uid = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
     syntax = UID(event.context.transfer_syntax)
     calling_aet = event.assoc.requestor.ae_title.strip()
-    result = Dataset()
-    with in_flight:
-        result = _store(event, context, requested_uid, syntax, calling_aet)
+    if not in_flight.begin():
+        result = status(OUT_OF_RESOURCES, "the node is stopping; retry later")
+    else:
+        try:
+            result = _store(event, context, requested_uid, syntax, calling_aet)
+        finally:
+            in_flight.end()
     elapsed_ms = (time.perf_counter() - started) * 1000
     code = int(result.Status)
     level = logging.INFO if code == 0 else logging.WARNING

@@ -1,0 +1,127 @@
+"""SIGTERM always stops the node promptly: idle, with port probes that never send an A-ASSOCIATE-RQ,
+right after start-up, and in the middle of a C-STORE stream (acknowledged instances are kept)."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from conftest import indexed_count, read_back, stop_node, wait_until
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+CT = Path(get_testdata_file("CT_small.dcm", download=False))
+
+#: An idle node must be gone well within this (it takes well under a second).
+IDLE_STOP_SECONDS = 5.0
+
+
+def _timed_stop(node, timeout: float) -> tuple[int, float]:
+    started = time.monotonic()
+    code = stop_node(node, timeout=timeout)
+    return code, time.monotonic() - started
+
+
+def _assert_clean_log(node) -> None:
+    text = node.log()
+    assert "Traceback" not in text, text[-3000:]
+    assert "InvalidEventError" not in text, text[-3000:]
+
+
+def test_sigterm_right_after_start_stops(running_node):
+    """Right after start-up the wait-for-port probe connection is still being set up (and the main
+    thread has just gone to sleep): the stop must not depend on which thread the signal lands in."""
+    for name in ("first", "second", "third"):
+        node = running_node(name=name)
+        code, seconds = _timed_stop(node, IDLE_STOP_SECONDS)
+        assert code == 0
+        assert seconds < IDLE_STOP_SECONDS
+        _assert_clean_log(node)
+
+
+def test_sigterm_with_idle_probe_connections_stops_quickly(running_node):
+    node = running_node()
+    held = socket.create_connection((node.host, node.port))  # sends nothing, stays open
+    closed = socket.create_connection((node.host, node.port))
+    closed.close()
+    try:
+        # Both accepted before the stop (the closed one logged, after start_node's own wait-for-port
+        # probe), so the stop has to end the held one itself.
+        assert wait_until(lambda: node.log().count("closed without association") >= 2)
+        time.sleep(0.2)
+        code, seconds = _timed_stop(node, IDLE_STOP_SECONDS)
+        assert code == 0
+        assert seconds < IDLE_STOP_SECONDS, node.log()[-3000:]
+        held.settimeout(2.0)
+        assert held.recv(1024) == b""  # the node closed the probe's connection (no A-ABORT: none was asked for)
+    finally:
+        held.close()
+    _assert_clean_log(node)
+    assert node.log().count("closed without association") == 3  # start_node's probe, closed, held
+
+
+def _ct_series(count: int) -> list[pydicom.Dataset]:
+    base = pydicom.dcmread(CT)
+    series, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    out = []
+    for number in range(count):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta = pydicom.dataset.FileMetaDataset(base.file_meta)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number + 1
+        out.append(ds)
+    return out
+
+
+def test_sigterm_during_c_store_stream_keeps_acknowledged_and_stops(running_node):
+    node = running_node()
+    datasets = _ct_series(400)
+    acknowledged: list[str] = []
+    refused: list[int] = []
+
+    def send() -> None:
+        ae = AE(ae_title="STOPSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(CTImageStorage, str(datasets[0].file_meta.TransferSyntaxUID))
+        assoc = ae.associate(node.host, node.port, ae_title=node.aet)
+        assert assoc.is_established
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                if "Status" not in status:  # aborted by the stop
+                    return
+                if status.Status == 0:
+                    acknowledged.append(str(ds.SOPInstanceUID))
+                else:
+                    refused.append(int(status.Status))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert wait_until(lambda: len(acknowledged) >= 20, 60)
+    code, seconds = _timed_stop(node, 20)
+    sender.join(30)
+    assert not sender.is_alive()
+    assert code == 0
+    # The C-STORE in progress is finished (CT_small stores in milliseconds), then the association ends.
+    assert seconds < IDLE_STOP_SECONDS, node.log()[-3000:]
+    assert 20 <= len(acknowledged) < len(datasets)
+    assert set(refused) <= {0xA700}  # "the node is stopping": refused, never half-stored
+    archive = read_back(node.data_dir)
+    try:
+        assert indexed_count(archive) >= len(acknowledged)
+        for uid in acknowledged:
+            with archive.open_instance(uid):
+                pass
+    finally:
+        archive.close()
+    _assert_clean_log(node)
