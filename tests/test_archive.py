@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -102,3 +103,33 @@ def test_duplicate_policies(tmp_path: Path, policy: str, outcome: str) -> None:
     assert archive.store(data).outcome.value == outcome
     assert element_differences(read(data), read(_retrieve(archive, read(data).SOPInstanceUID))) == []
     archive.close()
+
+
+def test_concurrent_stores_encode_htj2k_in_parallel(archive: Archive) -> None:
+    """8 threads storing at once (as 8 associations do): every frame is HTJ2K and comes back bit-exact.
+
+    A thread-safety problem in the codec would show up as a frame kept as zstd (the safe fallback).
+    """
+    series = [generate_uid() for _ in range(4)]
+    datas = [_ct_copy(series[index % 4]) for index in range(48)]
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def store(chunk: list[bytes]) -> None:
+        try:
+            results.extend(archive.store(data).sop_instance_uid for data in chunk)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(datas[index::8],)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(set(results)) == 48
+    for data in datas:
+        original = read(data)
+        with archive.open_instance(original.SOPInstanceUID) as stored:
+            assert [frame.codec for frame in stored.meta.frames] == ["htj2k"]
+        assert pixels_equal(original, read(_retrieve(archive, original.SOPInstanceUID)))

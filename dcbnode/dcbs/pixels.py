@@ -8,7 +8,7 @@ pydicom's decoder registry (GDCM and pylibjpeg plugins).
 
 from __future__ import annotations
 
-import threading
+import logging
 
 import imagecodecs
 import numpy as np
@@ -23,6 +23,7 @@ from .syntaxes import is_lossy_syntax
 #: Photometric interpretations whose samples are not one value per pixel per component.
 _SUBSAMPLED = frozenset({"YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420"})
 _ZSTD_LEVEL = 3
+log = logging.getLogger(__name__)
 
 
 def native_dtype(bits_allocated: int, pixel_representation: int, pixel_tag: int) -> np.dtype | None:
@@ -72,16 +73,18 @@ def uses_colour_transform(samples: int, photometric: str) -> bool:
     return samples == 3 and photometric == "RGB"
 
 
-_OJPH_LOCK = threading.Lock()
-
-
 def encode_htj2k_verified(frame: np.ndarray, colour_transform: bool) -> bytes | None:
-    """Encode one frame as HTJ2K lossless and return it only if it decodes back bit-exact."""
-    # OpenJPH (via imagecodecs) fails with "ojph error" when several threads encode at once, as the
-    # node's concurrent associations do: one codec call at a time.
-    with _OJPH_LOCK:
+    """Encode one frame as HTJ2K lossless and return it only if it decodes back bit-exact.
+
+    None (the caller keeps the frame as zstd, still lossless) when the codec fails or disagrees, so a
+    codec problem never turns into a failed store.
+    """
+    try:
         codestream = imagecodecs.htj2k_encode(np.ascontiguousarray(frame), rgb=colour_transform)
         decoded = imagecodecs.htj2k_decode(codestream)
+    except Exception as exc:  # imagecodecs raises its own error types per codec
+        log.warning("HTJ2K encoding failed (%s); keeping the frame as zstd", exc)
+        return None
     if decoded.dtype != frame.dtype or decoded.shape != frame.shape or not np.array_equal(decoded, frame):
         return None
     return bytes(codestream)
