@@ -23,7 +23,7 @@ from ..dcbs import (
     VolumeReplacedError,
     append_instance,
     append_tombstone,
-    encode_instance,
+    parse_instance,
 )
 from ..index import Index
 from ..index.attributes import index_attributes
@@ -113,15 +113,16 @@ class Archive:
         :class:`DuplicateInstanceError` under the "reject" policy, and
         :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
         """
-        encoded = encode_instance(data, transfer_syntax=transfer_syntax)
+        parsed = parse_instance(data, transfer_syntax=transfer_syntax)
+        if self._known(parsed.sop_instance_uid) and self.duplicate_policy != "replace":
+            if self.duplicate_policy == "reject":
+                raise DuplicateInstanceError(f"SOP Instance {parsed.sop_instance_uid} is already stored")
+            return StoreResult(StoreOutcome.DUPLICATE_IGNORED, parsed.sop_instance_uid,
+                               parsed.uids["SOPClassUID"], parsed.split.received_length, 0)
+        encoded = parsed.encode()
         meta = encoded.meta
         result = StoreResult(StoreOutcome.STORED, meta.sop_instance_uid, meta.sop_class_uid,
                              meta.received_length, encoded.stored_length)
-        if self._known(meta.sop_instance_uid):
-            if self.duplicate_policy == "keep_first":
-                return _with(result, StoreOutcome.DUPLICATE_IGNORED)
-            if self.duplicate_policy == "reject":
-                raise DuplicateInstanceError(f"SOP Instance {meta.sop_instance_uid} is already stored")
         relative = volume_path_for(meta.series_instance_uid)
         try:
             _, previous = self._append(relative, lambda volume: append_instance(

@@ -20,7 +20,7 @@ from .errors import (
     UnsupportedTransferSyntaxError,
 )
 from .format import RecordKind
-from .instance import EncodedInstance, encode_instance, is_valid_uid
+from .instance import EncodedInstance, ParsedInstance, encode_instance, is_valid_uid, parse_instance
 from .rebuild import RebuiltInstance, UnavailableSyntaxError, available_syntaxes, rebuild
 from .series import append_instance, append_tombstone, live_instances
 from .stored import StoredInstance
@@ -34,6 +34,7 @@ __all__ = [
     "DicomSeries",
     "EncodedInstance",
     "InvalidDatasetError",
+    "ParsedInstance",
     "RebuiltInstance",
     "RecordKind",
     "RecordLocation",
@@ -51,6 +52,7 @@ __all__ = [
     "is_valid_uid",
     "live_instances",
     "load_from_dicom_folder",
+    "parse_instance",
     "rebuild",
     "save",
 ]

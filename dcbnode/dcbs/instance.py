@@ -62,11 +62,59 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _UID_PATTERN.fullmatch(value) is not None
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedInstance:
+    """A received instance parsed and checked, pixels not yet encoded.
+
+    Parsing is cheap next to encoding: the archive looks the SOP Instance UID up between the two, so
+    a duplicate that will be discarded costs no compression.
+    """
+
+    split: SplitDataset
+    uids: dict[str, str]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The instance's SOP Instance UID (validated)."""
+        return self.uids["SOPInstanceUID"]
+
+    def encode(self) -> EncodedInstance:
+        """Encode the pixels (verified lossless) and build the record."""
+        split, uids = self.split, self.uids
+        image, frames, extra = _encode_pixels(split)
+        meta = InstanceMeta(
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            series_instance_uid=uids["SeriesInstanceUID"],
+            instance_number=_int_or_none(split.dataset, "InstanceNumber"),
+            slice_position=_slice_position(split.dataset),
+            received_syntax=str(split.transfer_syntax),
+            received_length=split.received_length,
+            spans=split.spans,
+            image=image,
+            frames=frame_table(frames),
+        )
+        blobs = InstanceBlobs(header=split.header, suffix=split.suffix, file_meta=split.file_meta, **extra)
+        return EncodedInstance(meta, blobs, [data for _, data in frames], split.dataset)
+
+
+def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> ParsedInstance:
+    """Parse Part-10 bytes and check what storing requires: a supported syntax and valid UIDs.
+
+    Raises :class:`InvalidDatasetError` (or a subclass) with a reason fit for a DICOM Error Comment.
+    """
+    split = split_dataset(data, transfer_syntax=transfer_syntax)
+    if not is_storable_syntax(split.transfer_syntax):
+        raise UnsupportedTransferSyntaxError(f"transfer syntax {split.transfer_syntax} is not supported")
+    return ParsedInstance(split, _required_uids(split.dataset))
+
+
 def encode_instance(source: bytes | str | Path, *, transfer_syntax: str | None = None) -> EncodedInstance:
     """Encode Part-10 bytes or a Part-10 file into a record, verifying lossless storage.
 
     Raises :class:`InvalidDatasetError` (or a subclass) with a reason fit for a DICOM Error Comment when
-    the input cannot be stored faithfully.
+    the input cannot be stored faithfully; for a file, the error names it.
     """
     if isinstance(source, (str, Path)):
         try:
@@ -77,26 +125,7 @@ def encode_instance(source: bytes | str | Path, *, transfer_syntax: str | None =
             return encode_instance(data, transfer_syntax=transfer_syntax)
         except InvalidDatasetError as exc:
             raise type(exc)(exc.reason, source=source) from exc
-    split = split_dataset(source, transfer_syntax=transfer_syntax)
-    if not is_storable_syntax(split.transfer_syntax):
-        raise UnsupportedTransferSyntaxError(f"transfer syntax {split.transfer_syntax} is not supported")
-    uids = _required_uids(split.dataset)
-    image, frames, extra = _encode_pixels(split)
-    meta = InstanceMeta(
-        sop_instance_uid=uids["SOPInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        instance_number=_int_or_none(split.dataset, "InstanceNumber"),
-        slice_position=_slice_position(split.dataset),
-        received_syntax=str(split.transfer_syntax),
-        received_length=split.received_length,
-        spans=split.spans,
-        image=image,
-        frames=frame_table(frames),
-    )
-    blobs = InstanceBlobs(header=split.header, suffix=split.suffix, file_meta=split.file_meta, **extra)
-    return EncodedInstance(meta, blobs, [data for _, data in frames], split.dataset)
+    return parse_instance(source, transfer_syntax=transfer_syntax).encode()
 
 
 def _required_uids(dataset: Dataset) -> dict[str, str]:
