@@ -104,6 +104,10 @@ class Archive:
         """Absolute path of a volume from its index path."""
         return self.data_dir / relative_path
 
+    def index_path(self, volume_file: Path) -> str:
+        """The index path of a volume file: relative to the data directory, POSIX separators."""
+        return volume_file.relative_to(self.data_dir).as_posix()
+
     # -- ingest ----------------------------------------------------------------------------------------
 
     def store(self, data: bytes, *, source_ae_title: str = "", transfer_syntax: str | None = None) -> StoreResult:

@@ -116,7 +116,7 @@ def recover(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
         indexed = {row.path: row.indexed_end for row in session.query(VolumeRow)}
     files = volume_files(archive)
     for number, path in enumerate(files, 1):
-        relative = path.relative_to(archive.data_dir).as_posix()
+        relative = archive.index_path(path)
         start = max(indexed.get(relative, 0), FILE_HEADER_SIZE)
         if path.stat().st_size != start:
             _catch_up(archive, path, relative, start, report)
@@ -136,7 +136,7 @@ def reindex(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
     archive.level_cache.clear()
     files = volume_files(archive)
     for number, path in enumerate(files, 1):
-        _catch_up(archive, path, path.relative_to(archive.data_dir).as_posix(), FILE_HEADER_SIZE, report)
+        _catch_up(archive, path, archive.index_path(path), FILE_HEADER_SIZE, report)
         if progress:
             progress(number, len(files))
     report.volumes = len(files)

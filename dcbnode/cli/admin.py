@@ -103,10 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mt() -> ModuleType:
-    """The maintenance library, imported on first use."""
+    """The maintenance library, imported on first use (keeps ``--help`` fast)."""
     from ..archive import maintenance
 
     return maintenance
+
+
+def _verification() -> ModuleType:
+    """The verification library, imported on first use."""
+    from ..archive import verification
+
+    return verification
+
+
+def _compaction() -> ModuleType:
+    """The compaction library, imported on first use."""
+    from ..archive import compaction
+
+    return compaction
 
 
 def _open(config: Config) -> Archive:
@@ -243,7 +257,7 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     with _Session(config) as archive:
-        report = _mt().verify(archive, Progress("verify", enabled=not args.json))
+        report = _verification().verify(archive, Progress("verify", enabled=not args.json))
     if args.json:
         emit_json({"volumes": report.volumes, "records": report.records, "frames": report.frames,
                    "problems": report.problems, "repaired": report.repaired, "ok": not report.problems})
@@ -300,11 +314,11 @@ def cmd_compact(args: argparse.Namespace, config: Config) -> int:
 
     results, failures = [], []
     with _Session(config) as archive:
-        volumes = _mt().compactable_volumes(archive)
+        volumes = _compaction().compactable_volumes(archive)
         progress = Progress("compact", enabled=not args.json)
         for number, path in enumerate(volumes, 1):
             try:
-                result = _mt().compact_volume(archive, path, pause=pause if pause_at else None)
+                result = _compaction().compact_volume(archive, path, pause=pause if pause_at else None)
                 if result is not None:
                     results.append(vars(result))
             except _ITEM_ERRORS as exc:
