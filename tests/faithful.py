@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.uid import generate_uid
 
 #: Elements a change of transfer syntax legitimately changes (PS3.5 8.2 and A.4).
 SYNTAX_DEPENDENT = frozenset({0x00280004, 0x00280006, 0x7FE00001, 0x7FE00002, 0x7FE00010, 0x7FE00008,
@@ -70,3 +73,19 @@ def pixels_equal(original: Dataset, rebuilt: Dataset) -> bool:
     if "PixelData" not in original and "FloatPixelData" not in original and "DoubleFloatPixelData" not in original:
         return True
     return bool(np.array_equal(original.pixel_array, rebuilt.pixel_array))
+
+
+def ct_series(count: int, *, series_uid: str | None = None, study_uid: str | None = None) -> list[Dataset]:
+    """``count`` copies of pydicom's CT_small as one series: new SOP Instance UIDs, InstanceNumber 1..count."""
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    study_uid, series_uid = study_uid or generate_uid(), series_uid or generate_uid()
+    out = []
+    for number in range(count):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta = FileMetaDataset(base.file_meta)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number + 1
+        out.append(ds)
+    return out

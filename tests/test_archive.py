@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from faithful import element_differences, pixels_equal, read
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dcbnode.archive import Archive, volume_path_for
 from dcbnode.archive.recovery import recover
 from dcbnode.dcbs import Volume, VolumeReplacedError, append_instance, encode_instance, rebuild
-from tests.faithful import element_differences, pixels_equal, read
 
 
 def _ct_copy(series_uid: str | None = None) -> bytes:

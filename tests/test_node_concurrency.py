@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import signal
 import threading
 import time
@@ -10,30 +9,16 @@ from pathlib import Path
 
 import pydicom
 from conftest import indexed_count, read_back, rebuilt_part10, stop_node
-from faithful import element_differences, pixels_equal, read
-from pydicom.data import get_testdata_file
+from faithful import ct_series, element_differences, pixels_equal, read
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dcbnode.archive.recovery import volume_files
 from dcbnode.dcbs import Volume, live_instances
 
-CT = Path(get_testdata_file("CT_small.dcm", download=False))
-
 
 def _series(count: int, series_uid: str, study_uid: str) -> list[pydicom.Dataset]:
-    base = pydicom.dcmread(CT)
-    out = []
-    for number in range(count):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.file_meta = pydicom.dataset.FileMetaDataset(base.file_meta)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number + 1
-        out.append(ds)
-    return out
+    return ct_series(count, series_uid=series_uid, study_uid=study_uid)
 
 
 def _send(node, datasets, acknowledged: list[str], calling_aet: str, errors: list[str]) -> None:

@@ -3,19 +3,15 @@ right after start-up, and in the middle of a C-STORE stream (acknowledged instan
 
 from __future__ import annotations
 
-import copy
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pydicom
 from conftest import indexed_count, read_back, stop_node, wait_until
-from pydicom.data import get_testdata_file
+from faithful import ct_series
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-
-CT = Path(get_testdata_file("CT_small.dcm", download=False))
 
 #: An idle node must be gone well within this (it takes well under a second).
 IDLE_STOP_SECONDS = 5.0
@@ -66,18 +62,7 @@ def test_sigterm_with_idle_probe_connections_stops_quickly(running_node):
 
 
 def _ct_series(count: int) -> list[pydicom.Dataset]:
-    base = pydicom.dcmread(CT)
-    series, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    out = []
-    for number in range(count):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.file_meta = pydicom.dataset.FileMetaDataset(base.file_meta)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number + 1
-        out.append(ds)
-    return out
+    return ct_series(count)
 
 
 def test_sigterm_during_c_store_stream_keeps_acknowledged_and_stops(running_node):
