@@ -1,4 +1,6 @@
-"""One log line per association: who, from where, how it ended, how long, what it did."""
+"""One log line per association (who, from where, how it ended, how long, what it did) and one per
+completed C-FIND, C-GET, C-MOVE and C-ECHO (status, counts, time).  C-STOREs log their own line, with
+the SOP class, instance and syntax."""
 
 from __future__ import annotations
 
@@ -23,12 +25,21 @@ class AssociationStats:
     started: float = field(default_factory=time.monotonic)
     state: str = "connected"
     stores: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(default_factory=Counter)
+    #: per message ID: (start time, pending responses sent so far)
+    operations: dict[int, list[float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, status: int) -> None:
         """Tally one C-STORE by outcome."""
         with self.lock:
             self.stores["ok" if status == 0 else "failed"] += 1
+
+    def summary(self) -> str:
+        """What the association did, e.g. ``C-STORE ok=7 failed=0, C-FIND 2``."""
+        parts = [f"C-STORE ok={self.stores['ok']} failed={self.stores['failed']}"] if self.stores else []
+        parts += [f"{name} {count}" for name, count in sorted(self.requests.items()) if name != "C-STORE"]
+        return ", ".join(parts) or "no operations"
 
 
 def _stats(event: Event) -> AssociationStats:
@@ -70,10 +81,54 @@ def _on_close(event: Event) -> None:
         state = "dropped"
     seconds = time.monotonic() - stats.started
     level = logging.WARNING if state in ("rejected", "aborted", "dropped") else logging.INFO
-    log.log(level, "association %s from %s@%s (called %s) after %.2f s, C-STORE ok=%d failed=%d",
-            state, assoc.requestor.ae_title.strip() or "?", stats.address,
-            _called_aet(assoc),
-            seconds, stats.stores["ok"], stats.stores["failed"])
+    log.log(level, "association %s from %s@%s (called %s) after %.2f s: %s",
+            state, assoc.requestor.ae_title.strip() or "?", stats.address, _called_aet(assoc), seconds,
+            stats.summary())
+
+
+#: Responses whose final (non-pending) instance ends an operation logged here.
+_LOGGED_RESPONSES = {"C_FIND_RSP": "C-FIND", "C_GET_RSP": "C-GET", "C_MOVE_RSP": "C-MOVE", "C_ECHO_RSP": "C-ECHO"}
+_PENDING = (0xFF00, 0xFF01)
+
+
+def _on_dimse_recv(event: Event) -> None:
+    """A request arrived: count it and start its clock."""
+    name = type(event.message).__name__
+    if not name.endswith("_RQ"):
+        return
+    stats = _stats(event)
+    with stats.lock:
+        stats.requests[name[:-3].replace("_", "-")] += 1
+        stats.operations[int(event.message.command_set.MessageID)] = [time.monotonic(), 0]
+
+
+def _on_dimse_sent(event: Event) -> None:
+    """A response left: on the final one of a C-FIND/GET/MOVE/ECHO, log the operation."""
+    operation = _LOGGED_RESPONSES.get(type(event.message).__name__)
+    if operation is None:
+        return
+    command = event.message.command_set
+    stats = _stats(event)
+    with stats.lock:
+        started = stats.operations.get(int(command.MessageIDBeingRespondedTo), [time.monotonic(), 0])
+        if command.Status in _PENDING:
+            started[1] += 1
+            return
+        stats.operations.pop(int(command.MessageIDBeingRespondedTo), None)
+    counts = {"C-FIND": f", {int(started[1])} match(es)", "C-ECHO": ""}.get(operation) or _sub_operation_counts(command)
+    comment = f" ({command.ErrorComment})" if "ErrorComment" in command else ""
+    level = logging.INFO if command.Status in (0x0000, 0xFE00) else logging.WARNING
+    log.log(level, "%s from %s: status 0x%04X%s%s, %.0f ms", operation,
+            event.assoc.requestor.ae_title.strip() or "?", command.Status, comment, counts,
+            (time.monotonic() - started[0]) * 1000)
+
+
+def _sub_operation_counts(command: object) -> str:
+    if "NumberOfCompletedSuboperations" not in command:
+        return ""
+    return (f", completed {command.NumberOfCompletedSuboperations}, failed "
+            f"{command.get('NumberOfFailedSuboperations', 0)}, warning "
+            f"{command.get('NumberOfWarningSuboperations', 0)}")
 
 
 #: Notification handlers to bind on the server.
@@ -84,6 +139,8 @@ ASSOCIATION_HANDLERS = [
     (evt.EVT_ABORTED, _on_aborted),
     (evt.EVT_RELEASED, _on_released),
     (evt.EVT_CONN_CLOSE, _on_close),
+    (evt.EVT_DIMSE_RECV, _on_dimse_recv),
+    (evt.EVT_DIMSE_SENT, _on_dimse_sent),
 ]
 
 

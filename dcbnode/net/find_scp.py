@@ -63,15 +63,14 @@ def handle_find(event: Event, context: NodeContext) -> Iterator[tuple[int | Data
     try:
         query = parse_identifier(event.identifier, model, config.query,
                                  combined_datetime=_combined_datetime(event, sop_class))
-    except QueryError as exc:
-        context.log.info("C-FIND from %s refused: 0x%04X %s", calling, exc.status, exc.comment)
+    except QueryError as exc:  # logged with its status and comment by the association logger
         yield failure(exc.status, exc.comment), None
         return
     except Exception as exc:  # an undecodable identifier
         context.log.info("C-FIND from %s: unreadable identifier: %s", calling, exc)
         yield failure(0xA900, "Unreadable identifier"), None
         return
-    count, cancelled = 0, False
+    cancelled = False
     results = run_query(context.archive.index, query, retrieve_ae_title=config.node.ae_title,
                         limit=config.query.max_responses, header_reader=stored_header_reader(context.archive))
     try:
@@ -79,10 +78,8 @@ def handle_find(event: Event, context: NodeContext) -> Iterator[tuple[int | Data
             if event.is_cancelled:  # pynetdicom forgets the C-CANCEL once asked: remember it
                 cancelled = True
                 break
-            count += 1
             yield PENDING, identifier
     except QueryError as exc:
-        context.log.info("C-FIND from %s stopped after %d: %s", calling, count, exc.comment)
         yield failure(exc.status, exc.comment), None
         return
     except Exception as exc:
@@ -92,8 +89,6 @@ def handle_find(event: Event, context: NodeContext) -> Iterator[tuple[int | Data
     finally:
         results.close()  # ends the database cursor at once on cancel
     if cancelled or event.is_cancelled:
-        context.log.info("C-FIND from %s cancelled after %d responses", calling, count)
         yield CANCEL, None
         return
-    context.log.info("C-FIND %s from %s: %d matches", query.level, calling, count)
     yield SUCCESS, None

@@ -31,7 +31,6 @@ from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
 from .associations import ASSOCIATION_HANDLERS
 from .context import NodeContext
-from .echo_scp import handle_echo
 from .store_scp import InFlight, handle_store
 
 log = logging.getLogger("dcbnode.server")
@@ -104,7 +103,6 @@ class Node:
 
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
         handlers: list[tuple[Any, ...]] = [
-            (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
             *ASSOCIATION_HANDLERS,
         ]
