@@ -173,8 +173,11 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
     except Exception as exc:
         log.exception("unexpected error while storing %s", requested_uid)
         return status(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-    if stored.outcome is not StoreOutcome.STORED:
-        log.info("SOP Instance %s was already stored: %s", requested_uid, stored.outcome.value)
+    if stored.outcome is StoreOutcome.DUPLICATE_IGNORED:  # docs/configuration.md: keep_first warns
+        log.warning("SOP Instance %s was already stored: the new copy from %s was discarded",
+                    requested_uid, calling_aet)
+    elif stored.outcome is StoreOutcome.REPLACED:
+        log.info("SOP Instance %s was already stored: replaced by the copy from %s", requested_uid, calling_aet)
     return status(0x0000)
 
 
