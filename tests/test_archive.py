@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dcbnode.archive import Archive, volume_path_for
-from dcbnode.archive.recovery import recover
+from dcbnode.archive.recovery import recover, reindex
 from dcbnode.dcbs import Volume, VolumeReplacedError, append_instance, encode_instance, rebuild
 
 
@@ -133,3 +133,24 @@ def test_concurrent_stores_encode_htj2k_in_parallel(archive: Archive) -> None:
         with archive.open_instance(original.SOPInstanceUID) as stored:
             assert [frame.codec for frame in stored.meta.frames] == ["htj2k"]
         assert pixels_equal(original, read(_retrieve(archive, original.SOPInstanceUID)))
+
+
+def test_reindex_after_a_series_was_emptied_and_refilled(archive: Archive) -> None:
+    """A volume holding A, B, tombstones of both, then C of the same series: reindex finds exactly C.
+
+    The tombstones delete the series row; C must not reuse the key the index had for it.
+    """
+    series = generate_uid()
+    first, second, third = (_ct_copy(series) for _ in range(3))
+    archive.store(first)
+    archive.store(second)
+    assert archive.delete_instance(read(first).SOPInstanceUID)
+    assert archive.delete_instance(read(second).SOPInstanceUID)
+    archive.store(third)
+    report = reindex(archive)
+    assert report.problems == []
+    assert (report.instances_indexed, report.instances_removed) == (3, 2)
+    assert element_differences(read(third), read(_retrieve(archive, read(third).SOPInstanceUID))) == []
+    for gone in (first, second):
+        with pytest.raises(KeyError):
+            _retrieve(archive, read(gone).SOPInstanceUID)

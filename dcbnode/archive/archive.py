@@ -226,10 +226,12 @@ class Archive:
             on_durable=lambda location: self._unindex(sop_instance_uid, relative, location)))
 
     def _unindex(self, sop_instance_uid: str, relative: str, location: RecordLocation) -> None:
-        self.level_cache.clear()
         with self.index.session() as session:
             remove_instance(session, sop_instance_uid)
             advance_indexed_end(session, relative, location.offset + location.length)
+        # After the commit: the series row may be gone with its last instance.  A store that cached its
+        # key in between fails on the foreign key, clears the cache and retries (see _index).
+        self.level_cache.clear()
 
 
 def _with(result: StoreResult, outcome: StoreOutcome) -> StoreResult:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
 from ..dcbs import StoredInstance, Volume
 from ..dcbs.dataset_split import parse_explicit_le
@@ -29,6 +30,8 @@ from .archive import VOLUMES_DIR, Archive
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+#: records indexed per transaction during recovery and reindex
+_BATCH = 500
 
 
 @dataclass
@@ -144,33 +147,42 @@ def reindex(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
 
 
 def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: RecoveryReport) -> None:
+    """Index the records of one volume from ``start``, in transactions of at most ``_BATCH`` records.
+
+    ``indexed_end`` advances in the same transactions, so a crash here loses no progress but the last
+    batch's, which the next recovery redoes.
+    """
     size_before = path.stat().st_size
     try:
-        with Volume.open(path, writable=True) as volume:  # a writable open cuts a torn tail
-            report.torn_bytes_cut += size_before - volume.size()
-            for entry in volume.walk_from(start):
-                _apply(archive, volume, relative, entry, report)
+        with Volume.open(path, writable=True) as volume, archive.index.session() as session:
+            report.torn_bytes_cut += size_before - volume.size()  # a writable open cuts a torn tail
+            for number, entry in enumerate(volume.walk_from(start), 1):
+                _apply(archive, session, volume, relative, entry, report)
+                if number % _BATCH == 0:
+                    session.commit()
     except Exception as exc:  # one damaged volume must not stop the others from being recovered
+        archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
         report.problems.append(f"{path}: {exc}")
         log.error("recovery of %s stopped: %s", path, exc)
 
 
-def _apply(archive: Archive, volume: Volume, relative: str, entry: RecordEntry, report: RecoveryReport) -> None:
+def _apply(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,
+           report: RecoveryReport) -> None:
     end = entry.location.offset + entry.location.length
-    with archive.index.session() as session:
-        if entry.header.kind == RecordKind.TOMBSTONE:
-            _, block = volume.read_meta(entry.location.offset)
-            if remove_instance(session, unpack_tombstone(block)["sop_instance_uid"]):
-                report.instances_removed += 1
-            advance_indexed_end(session, relative, end)
-            return
-        stored = StoredInstance.read(volume, entry.location.offset)
-        header = parse_explicit_le(stored.blobs.header)
-        placement = RecordPlacement(relative, entry.location.offset, entry.location.length,
-                                    stored.meta.received_length, entry.location.length,
-                                    stored.meta.received_syntax, _source_ae_title(stored))
-        upsert_instance(session, index_attributes(header), placement, archive.level_cache)
-        report.instances_indexed += 1
+    if entry.header.kind == RecordKind.TOMBSTONE:
+        _, block = volume.read_meta(entry.location.offset)
+        if remove_instance(session, unpack_tombstone(block)["sop_instance_uid"]):
+            report.instances_removed += 1
+            archive.level_cache.clear()  # the series row may be gone with its last instance
+        advance_indexed_end(session, relative, end)
+        return
+    stored = StoredInstance.read(volume, entry.location.offset)
+    header = parse_explicit_le(stored.blobs.header)
+    placement = RecordPlacement(relative, entry.location.offset, entry.location.length,
+                                stored.meta.received_length, entry.location.length,
+                                stored.meta.received_syntax, _source_ae_title(stored))
+    upsert_instance(session, index_attributes(header), placement, archive.level_cache)
+    report.instances_indexed += 1
 
 
 def _source_ae_title(stored: StoredInstance) -> str:
