@@ -1,7 +1,7 @@
-"""``dcbnode-admin``: administer a dcbnode archive (works while the node runs).
+"""dcbnode-admin: administer a dcbnode archive (works while the node runs).
 
 Exit status: 0 success, 1 problems found or some items failed, 2 usage or configuration error.
-The CLI only parses arguments, calls :mod:`dcbnode.archive.maintenance` and prints.
+The CLI only parses arguments, calls the archive library (maintenance, verification, compaction) and prints.
 """
 
 from __future__ import annotations
