@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
+from pydicom.uid import ExplicitVRLittleEndian
 
 from .dataset_split import truncation
 from .errors import DcbsError, DcbsFormatError, InvalidDatasetError
@@ -164,9 +164,8 @@ class DcbStreamingReader:
         if self._dicube is not None:
             return self._dicube.get_dicom_for_frame(index, force_uncompressed=force_uncompressed)
         stored = self.get_instance(index)
+        # available_syntaxes lists HTJ2K Lossless first whenever the frames allow it.
         syntax = ExplicitVRLittleEndian if force_uncompressed else available_syntaxes(stored.meta)[0]
-        if not force_uncompressed and HTJ2KLossless in available_syntaxes(stored.meta):
-            syntax = HTJ2KLossless
         return self.rebuild(index, syntax).part10()
 
     def rebuild(self, index: int, transfer_syntax: str) -> RebuiltInstance:

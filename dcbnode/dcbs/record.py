@@ -95,10 +95,6 @@ class InstanceMeta:
     frames: list[FrameEntry] = field(default_factory=list)
     blob_lengths: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def is_image(self) -> bool:
-        """True when the instance has pixel data."""
-        return self.image is not None
 
 
 @dataclass(frozen=True, slots=True)

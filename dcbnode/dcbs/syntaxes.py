@@ -32,8 +32,6 @@ from pydicom.uid import (
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1443.1.0")
 IMPLEMENTATION_VERSION_NAME = "DCBNODE_010"
 
-NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
-
 #: Lossy-capable compressed syntaxes: their codestreams are stored and served as they arrived.
 LOSSY_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless, HTJ2K})
 

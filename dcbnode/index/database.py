@@ -42,10 +42,6 @@ class Index:
         """Create the tables and indexes if missing (safe to run twice)."""
         Base.metadata.create_all(self.engine)
 
-    def drop_schema(self) -> None:
-        """Drop every table (used by ``reindex`` before rebuilding from the volumes)."""
-        Base.metadata.drop_all(self.engine)
-
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session committed on success and rolled back on error."""
