@@ -96,7 +96,6 @@ class InstanceMeta:
     blob_lengths: dict[str, int] = field(default_factory=dict)
 
 
-
 @dataclass(frozen=True, slots=True)
 class InstanceBlobs:
     """The binary parts of the metadata block, uncompressed."""
