@@ -17,6 +17,7 @@ from ..dcbs import (
     DcbsError,
     DcbsFormatError,
     EncodedInstance,
+    InvalidDatasetError,
     RecordLocation,
     StoredInstance,
     Volume,
@@ -110,14 +111,24 @@ class Archive:
 
     # -- ingest ----------------------------------------------------------------------------------------
 
-    def store(self, data: bytes, *, source_ae_title: str = "", transfer_syntax: str | None = None) -> StoreResult:
+    def store(
+        self,
+        data: bytes,
+        *,
+        source_ae_title: str = "",
+        transfer_syntax: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> StoreResult:
         """Store Part-10 bytes; returns only once the instance is fsynced and committed in the index.
 
+        ``expected_sop_instance_uid`` (a C-STORE's Affected SOP Instance UID) must match the dataset's.
         Raises :class:`~dcbnode.dcbs.InvalidDatasetError` for input that cannot be stored faithfully,
         :class:`DuplicateInstanceError` under the "reject" policy, and
         :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
         """
         parsed = parse_instance(data, transfer_syntax=transfer_syntax)
+        if expected_sop_instance_uid is not None and parsed.sop_instance_uid != expected_sop_instance_uid:
+            raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
         if self._known(parsed.sop_instance_uid) and self.duplicate_policy != "replace":
             if self.duplicate_policy == "reject":
                 raise DuplicateInstanceError(f"SOP Instance {parsed.sop_instance_uid} is already stored")
@@ -132,7 +143,8 @@ class Archive:
             _, previous = self._append(relative, lambda volume: append_instance(
                 volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title)))
         except _DuplicateFound:  # a concurrent store of the same UID won the race
-            return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax)
+            return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax,
+                              expected_sop_instance_uid=expected_sop_instance_uid)
         if previous is None:
             return result
         if previous != relative:  # replaced a copy filed under another series: delete it there
@@ -140,8 +152,8 @@ class Archive:
         return _with(result, StoreOutcome.REPLACED)
 
     def _known(self, sop_instance_uid: str) -> bool:
-        with self.index.session() as session:
-            return instance_location(session, sop_instance_uid) is not None
+        with self.index.engine.connect() as connection:  # a read: no session, no commit
+            return instance_location(connection, sop_instance_uid) is not None
 
     def _index(
         self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str
@@ -157,7 +169,7 @@ class Archive:
                     current = instance_location(session, meta.sop_instance_uid)
                     if current is not None and self.duplicate_policy != "replace":
                         raise _DuplicateFound
-                    upsert_instance(session, attributes, placement, self.level_cache)
+                    upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None)
                 return current[0] if current is not None else None
             except IntegrityError:
                 # Two stores created the same patient/study/series row at once (the loser retries and

@@ -22,9 +22,9 @@ from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, Impli
 
 from .dataset_split import encode_little_endian, explicit_elements, parse_explicit_le, span_key
 from .errors import DcbsError
+from .file_meta import even, file_meta_group, writer_elements
 from .pixels import decode_frame, native_frame_bytes, zstd_decompress
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource
-from .syntaxes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 _ITEM = 0xE000FFFE.to_bytes(4, "little")
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -127,28 +127,12 @@ def _file_meta(meta: InstanceMeta, blobs: InstanceBlobs, syntax: UID) -> bytes:
     """The File Meta Information group (PS3.10 7.1), encoded directly.
 
     The received group's elements are kept byte for byte, except those that describe the writer or the
-    encoding; those are dcbnode's own.  Writing through pydicom cost most of an HTJ2K rebuild.
+    encoding; those are dcbnode's own.
     """
     elements = {tag: blobs.file_meta[start:end] for tag, start, end in explicit_elements(blobs.file_meta)
                 if tag not in _REPLACED_META}
-    elements[0x00020001] = _meta_element(0x00020001, "OB", b"\x00\x01")
-    elements[0x00020002] = _meta_element(0x00020002, "UI", _uid_value(meta.sop_class_uid))
-    elements[0x00020003] = _meta_element(0x00020003, "UI", _uid_value(meta.sop_instance_uid))
-    elements[0x00020010] = _meta_element(0x00020010, "UI", _uid_value(syntax))
-    elements[0x00020012] = _meta_element(0x00020012, "UI", _uid_value(IMPLEMENTATION_CLASS_UID))
-    elements[0x00020013] = _meta_element(0x00020013, "SH", _even(IMPLEMENTATION_VERSION_NAME.encode(), b" "))
-    body = b"".join(elements[tag] for tag in sorted(elements))
-    return _meta_element(0x00020000, "UL", struct.pack("<I", len(body))) + body
-
-
-def _meta_element(tag: int, vr: str, value: bytes) -> bytes:
-    if vr == "OB":
-        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"OB", 0, len(value)) + value
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    return _even(uid.encode("ascii"), b"\0")  # UIDs are padded with NUL (PS3.5 9.1)
+    elements.update(writer_elements(meta.sop_class_uid, meta.sop_instance_uid, syntax))
+    return file_meta_group(elements)
 
 
 def _encode(header: bytes, pixel_element: bytes, suffix: bytes, syntax: UID) -> bytes:
@@ -170,7 +154,7 @@ def _encapsulated(image: ImageInfo, basic_offsets: bytes, frames: Iterable[bytes
     position = 0
     for index, frame in enumerate(frames):
         offsets.append(position)
-        pieces = _split(frame, fragments[index]) if fragments is not None else [_even(frame)]
+        pieces = _split(frame, fragments[index]) if fragments is not None else [even(frame)]
         for piece in pieces:
             items += [_ITEM, len(piece).to_bytes(4, "little"), piece]
             position += 8 + len(piece)
@@ -192,10 +176,6 @@ def _split(data: bytes, lengths: list[int]) -> list[bytes]:
     return pieces
 
 
-def _even(data: bytes, pad: bytes = b"\0") -> bytes:
-    return data + pad if len(data) % 2 else data
-
-
 def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource,
                    planar: int | None) -> tuple[int, str, bytes]:
     """Tag, VR and value of the native pixel data element.
@@ -208,7 +188,7 @@ def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource
     value = b"".join(_native_frame(image, meta, frames(i), planar or 0, i) for i in range(len(meta.frames)))
     if image.source == PixelSource.NATIVE:
         return image.pixel_tag, image.pixel_vr, value + blobs.native_tail
-    return image.pixel_tag, "OW" if image.bits_allocated > 8 else "OB", _even(value)
+    return image.pixel_tag, "OW" if image.bits_allocated > 8 else "OB", even(value)
 
 
 def _native_element(tag: int, vr: str, value: bytes, syntax: UID) -> bytes:

@@ -6,7 +6,7 @@ import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .attributes import IndexAttributes, fold_name
@@ -83,21 +83,39 @@ class LevelCache:
             self._volumes.clear()
 
 
-def instance_location(session: Session, sop_instance_uid: str) -> tuple[str, int] | None:
+# The per-instance statements use the tables, not the mapped classes: an ORM-enabled insert or update
+# goes through SQLAlchemy's bulk-persistence machinery, which cost more than the SQL itself.
+# They are built once, with bound parameters, so that SQLAlchemy's compiled-statement cache key is
+# worked out once too.
+_INSTANCES = Instance.__table__
+_VOLUMES = VolumeRow.__table__
+_LOCATION = (select(_VOLUMES.c.path, _INSTANCES.c.record_offset)
+             .join(_VOLUMES, _INSTANCES.c.volume_pk == _VOLUMES.c.id)
+             .where(_INSTANCES.c.sop_instance_uid == bindparam("uid")))
+_INSERT_INSTANCE = insert(_INSTANCES)
+_UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_ADVANCE = (update(_VOLUMES).where(_VOLUMES.c.id == bindparam("volume"), _VOLUMES.c.indexed_end < bindparam("end"))
+            .values(indexed_end=bindparam("end")))
+
+
+def instance_location(session: Session | Connection, sop_instance_uid: str) -> tuple[str, int] | None:
     """(volume path, record offset) of an indexed instance, or None."""
-    row = session.execute(
-        select(VolumeRow.path, Instance.record_offset)
-        .join(VolumeRow, Instance.volume_pk == VolumeRow.id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
+    connection = session.connection() if isinstance(session, Session) else session
+    row = connection.execute(_LOCATION, {"uid": sop_instance_uid}).first()
     return None if row is None else (row[0], row[1])
 
 
 def upsert_instance(
-    session: Session, attributes: IndexAttributes, placement: RecordPlacement, cache: LevelCache | None = None
+    session: Session,
+    attributes: IndexAttributes,
+    placement: RecordPlacement,
+    cache: LevelCache | None = None,
+    *,
+    exists: bool | None = None,
 ) -> None:
     """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``.
 
+    ``exists`` says whether the instance already has a row, when the caller just looked (None: look).
     Core statements rather than ORM objects: this runs once per received instance, inside the
     volume's append lock, so every round trip counts.
     """
@@ -118,17 +136,19 @@ def upsert_instance(
         "source_ae_title": placement.source_ae_title,
         "received_at": datetime.now(UTC).replace(tzinfo=None),
     }
-    existing = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == attributes.sop_instance_uid))
-    if existing is None:
-        session.execute(insert(Instance).values(sop_instance_uid=attributes.sop_instance_uid, **values))
+    connection = session.connection()
+    uid = attributes.sop_instance_uid
+    if exists is None:
+        exists = instance_location(session, uid) is not None
+    if exists:
+        connection.execute(_UPDATE_INSTANCE, {"uid": uid, **values})
     else:
-        session.execute(update(Instance).where(Instance.id == existing).values(**values))
+        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": uid, **values})
     _advance(session, volume_pk, placement.offset + placement.length)
 
 
 def _advance(session: Session, volume_pk: int, end: int) -> None:
-    session.execute(update(VolumeRow).where(VolumeRow.id == volume_pk, VolumeRow.indexed_end < end)
-                    .values(indexed_end=end))
+    session.connection().execute(_ADVANCE, {"volume": volume_pk, "end": end})
 
 
 def _volume_pk(session: Session, path: str, cache: LevelCache) -> int:

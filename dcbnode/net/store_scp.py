@@ -7,20 +7,24 @@ into its volume and the index committed: an acknowledged instance survives a cra
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import threading
 import time
 from typing import Final
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.uid import UID
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from ..archive import DuplicateInstanceError, StoreOutcome
-from ..dcbs import InvalidDatasetError, UndecodablePixelDataError, UnsupportedTransferSyntaxError, VolumeFullError
+from ..dcbs import (
+    InvalidDatasetError,
+    UndecodablePixelDataError,
+    UnsupportedTransferSyntaxError,
+    VolumeFullError,
+    is_valid_uid,
+)
+from ..dcbs.file_meta import received_file_meta
 from .context import NodeContext
 
 log = logging.getLogger("dcbnode.store")
@@ -35,7 +39,6 @@ CANNOT_UNDERSTAND: Final = 0xCD02
 INTERNAL_ERROR: Final = 0xCD03
 #: Error Comment is LO: at most 64 characters (PS3.5 Table 6.2-1).
 _COMMENT_MAX: Final = 64
-_SOP_INSTANCE_UID_TAG: Final = 0x00080018
 
 
 class InFlight:
@@ -93,24 +96,14 @@ def status(code: int, comment: str | None = None) -> Dataset:
 def part10_bytes(event: Event, calling_aet: str) -> bytes:
     """The received dataset as Part-10 bytes, without decoding it.
 
-    Like ``event.encoded_dataset()``, but the file meta also names the sender in
+    Like ``event.encoded_dataset()``, but the file meta is dcbnode's own and names the sender in
     SourceApplicationEntityTitle (PS3.10 7.1), which pynetdicom 3.0 leaves out; the archive keeps it
-    and recovery re-indexes the source AE from it.
+    and recovery re-indexes the source AE from it.  The caller validates the request's UIDs first.
     """
-    meta = event.file_meta
-    meta.SourceApplicationEntityTitle = calling_aet
-    return b"".join((b"\0" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getbuffer()))
-
-
-def dataset_sop_instance_uid(data: bytes) -> str | None:
-    """The SOPInstanceUID of Part-10 bytes, reading only the elements up to it.
-
-    The archive parses the whole dataset anyway; this cheap partial read lets the request be checked
-    *before* anything is written, without a second full parse.
-    """
-    partial = read_partial(io.BytesIO(data), stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID_TAG)
-    value = partial.get("SOPInstanceUID")
-    return str(value).strip("\0 ") if value else None
+    request = event.request
+    meta = received_file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                              event.context.transfer_syntax, calling_aet)
+    return b"".join((b"\0" * 128, b"DICM", meta, request.DataSet.getbuffer()))
 
 
 def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dataset | int:
@@ -145,14 +138,10 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
     archive = context.archive
     config = context.config  # read once: SIGHUP may swap it
     try:
-        data = part10_bytes(event, calling_aet)
-        try:
-            actual_uid = dataset_sop_instance_uid(data)
-        except Exception as exc:
-            return status(DATASET_MISMATCH, f"dataset cannot be parsed: {exc}")
-        if actual_uid != requested_uid:
-            return status(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request")
-        stored = archive.store(data, source_ae_title=calling_aet, transfer_syntax=syntax)
+        if not (is_valid_uid(requested_uid) and is_valid_uid(str(event.request.AffectedSOPClassUID or ""))):
+            return status(DATASET_MISMATCH, "the C-STORE request's SOP UIDs are not valid UIDs")
+        stored = archive.store(part10_bytes(event, calling_aet), source_ae_title=calling_aet,
+                               transfer_syntax=syntax, expected_sop_instance_uid=requested_uid)
     except UndecodablePixelDataError as exc:
         return status(CANNOT_UNDERSTAND, exc.reason)
     except UnsupportedTransferSyntaxError as exc:
