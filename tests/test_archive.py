@@ -154,3 +154,33 @@ def test_reindex_after_a_series_was_emptied_and_refilled(archive: Archive) -> No
     for gone in (first, second):
         with pytest.raises(KeyError):
             _retrieve(archive, read(gone).SOPInstanceUID)
+
+
+def test_stores_after_compaction_go_into_the_new_generation(archive: Archive) -> None:
+    """One file per series: compaction turns ``<hash>.dcbs`` into ``<hash>.g2.dcbs``, and later stores,
+    deletes and compactions follow it instead of starting a new first generation beside it."""
+    from dcbnode.archive.compaction import compact_volume
+
+    series = generate_uid()
+    first, doomed = _ct_copy(series), _ct_copy(series)
+    for data in (first, doomed):
+        archive.store(data)
+    archive.delete_instance(read(doomed).SOPInstanceUID)
+    first_generation = archive.volume_file(volume_path_for(series))
+    assert compact_volume(archive, first_generation) is not None
+    directory = first_generation.parent
+    assert sorted(p.name for p in directory.iterdir()) == [first_generation.name.replace(".dcbs", ".g2.dcbs")]
+
+    later = _ct_copy(series)
+    archive.store(later)
+    archive.delete_instance(read(first).SOPInstanceUID)
+    assert sorted(p.name for p in directory.iterdir()) == [first_generation.name.replace(".dcbs", ".g2.dcbs")]
+    assert compact_volume(archive, directory / first_generation.name.replace(".dcbs", ".g2.dcbs")) is not None
+    assert sorted(p.name for p in directory.iterdir()) == [first_generation.name.replace(".dcbs", ".g3.dcbs")]
+
+    assert recover(archive).instances_indexed == 0
+    rebuilt = read(_retrieve(archive, read(later).SOPInstanceUID))
+    assert element_differences(read(later), rebuilt) == []
+    assert pixels_equal(read(later), rebuilt)
+    with pytest.raises(KeyError):
+        _retrieve(archive, read(first).SOPInstanceUID)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..dcbs import (
     RecordLocation,
     StoredInstance,
     Volume,
+    VolumeNotFoundError,
     VolumeReplacedError,
     append_instance,
     append_tombstone,
@@ -33,6 +35,7 @@ from ..index.writer import (
     RecordPlacement,
     advance_indexed_end,
     find_instance,
+    indexed_generations,
     instance_location,
     remove_instance,
     upsert_instance,
@@ -49,9 +52,21 @@ T = TypeVar("T")
 
 
 def volume_path_for(series_instance_uid: str) -> str:
-    """Relative path of a series' volume: a hash of the UID, never the raw UID."""
+    """Relative path of a series' volume (first generation): a hash of the UID, never the raw UID."""
     digest = hashlib.sha256(series_instance_uid.encode("ascii")).hexdigest()[:40]
     return f"{VOLUMES_DIR}/{digest[:2]}/{digest[2:4]}/{digest}.dcbs"
+
+
+def volume_generation(relative: str) -> int:
+    """1 for ``<hash>.dcbs``, N for ``<hash>.gN.dcbs`` (compaction's generations)."""
+    parts = relative.rsplit("/", 1)[-1].split(".")
+    return int(parts[1][1:]) if len(parts) == 3 and parts[1][:1] == "g" and parts[1][1:].isdigit() else 1
+
+
+def _volume_stem(relative: str) -> str:
+    """The path of a volume without its generation and extension: the same for all its generations."""
+    directory, _, name = relative.rpartition("/")
+    return f"{directory}/{name.split('.', 1)[0]}"
 
 
 class StoreOutcome(Enum):
@@ -95,6 +110,9 @@ class Archive:
         self.index.create_schema()
         self.volumes = VolumePool()
         self.level_cache = LevelCache()
+        #: volume stem → index path of its current generation (see _current_generation)
+        self._generations: dict[str, str] = {}
+        self._generations_lock = threading.Lock()
 
     def close(self) -> None:
         """Close volumes and database connections."""
@@ -138,16 +156,17 @@ class Archive:
         meta = encoded.meta
         result = StoreResult(StoreOutcome.STORED, meta.sop_instance_uid, meta.sop_class_uid,
                              meta.received_length, encoded.stored_length)
-        relative = volume_path_for(meta.series_instance_uid)
         try:
-            _, previous = self._append(relative, lambda volume: append_instance(
-                volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title)))
+            _, previous = self._append(volume_path_for(meta.series_instance_uid), lambda volume, relative:
+                                       append_instance(volume, encoded, lambda location: self._index(
+                                           encoded, relative, location, source_ae_title)))
         except _DuplicateFound:  # a concurrent store of the same UID won the race
             return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax,
                               expected_sop_instance_uid=expected_sop_instance_uid)
         if previous is None:
             return result
-        if previous != relative:  # replaced a copy filed under another series: delete it there
+        if _volume_stem(previous) != _volume_stem(volume_path_for(meta.series_instance_uid)):
+            # replaced a copy filed under another series: delete it there
             self._tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
         return _with(result, StoreOutcome.REPLACED)
 
@@ -180,19 +199,44 @@ class Archive:
         raise AssertionError("unreachable")
 
     def _tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
-        self._append(relative, lambda volume: append_tombstone(volume, sop_instance_uid, series_instance_uid))
+        self._append(relative, lambda volume, _: append_tombstone(volume, sop_instance_uid, series_instance_uid))
 
-    def _append(self, relative: str, action: Callable[[Volume], T]) -> T:
-        """Run an append on the volume at ``relative``, reopening it if compaction replaced the file."""
+    def _append(self, relative: str, action: Callable[[Volume, str], T]) -> T:
+        """Run ``action(volume, its index path)`` on the current generation of the volume ``relative``
+        names (any generation of it), reopening it if compaction replaced the file meanwhile."""
         for attempt in range(_REOPEN_ATTEMPTS):
+            current, create = self._current_generation(relative)
             try:
-                with self.volumes.borrow(self.volume_file(relative), writable=True) as volume:
-                    return action(volume)
-            except VolumeReplacedError:
-                self.volumes.forget(self.volume_file(relative))
+                with self.volumes.borrow(self.volume_file(current), writable=True, create=create) as volume:
+                    return action(volume, current)
+            except (VolumeReplacedError, VolumeNotFoundError):
+                self.volumes.forget(self.volume_file(current))
+                with self._generations_lock:
+                    self._generations.pop(_volume_stem(current), None)
                 if attempt == _REOPEN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def _current_generation(self, relative: str) -> tuple[str, bool]:
+        """The index path of the volume's current generation, and whether a missing file may be created.
+
+        Compaction turns ``<hash>.dcbs`` into ``<hash>.g2.dcbs`` and so on; later appends must go
+        there, not into a new first generation beside it.  The index decides (compaction moves the
+        volume row in the transaction that moves the instances).  A remembered path whose file is gone
+        means compaction replaced it since: it is looked up again rather than created; a path just
+        read from the index (or a volume it does not know yet) is created if missing.
+        """
+        stem = _volume_stem(relative)
+        with self._generations_lock:
+            cached = self._generations.get(stem)
+        if cached is not None:
+            return cached, False
+        with self.index.engine.connect() as connection:
+            known = indexed_generations(connection, stem)
+        current = max(known, key=volume_generation) if known else relative
+        with self._generations_lock:
+            self._generations[stem] = current
+        return current, True
 
     # -- retrieval -------------------------------------------------------------------------------------
 
@@ -233,9 +277,9 @@ class Archive:
 
     def _delete_from(self, relative: str, sop_instance_uid: str, series_uid: str) -> None:
         """Append the tombstone; its durability commits the index removal."""
-        self._append(relative, lambda volume: append_tombstone(
+        self._append(relative, lambda volume, current: append_tombstone(
             volume, sop_instance_uid, series_uid,
-            on_durable=lambda location: self._unindex(sop_instance_uid, relative, location)))
+            on_durable=lambda location: self._unindex(sop_instance_uid, current, location)))
 
     def _unindex(self, sop_instance_uid: str, relative: str, location: RecordLocation) -> None:
         with self.index.session() as session:

@@ -21,8 +21,9 @@ class VolumePool:
         self._users: dict[int, int] = {}  # id(volume) -> borrowers
 
     @contextmanager
-    def borrow(self, path: Path, *, writable: bool) -> Iterator[Volume]:
-        """Use the volume at ``path`` (created when ``writable`` and missing)."""
+    def borrow(self, path: Path, *, writable: bool, create: bool | None = None) -> Iterator[Volume]:
+        """Use the volume at ``path``; a missing one is created if ``create`` (default: ``writable``),
+        else :class:`~dcbnode.dcbs.VolumeNotFoundError` is raised."""
         key = (path, writable)
         with self._lock:
             volume = self._open.get(key)
@@ -30,7 +31,7 @@ class VolumePool:
                 self._open.move_to_end(key)
                 self._users[id(volume)] = self._users.get(id(volume), 0) + 1
         if volume is None:
-            opened = Volume.open(path, writable=writable, create=writable)
+            opened = Volume.open(path, writable=writable, create=writable if create is None else create)
             with self._lock:
                 volume = self._open.setdefault(key, opened)
                 self._users[id(volume)] = self._users.get(id(volume), 0) + 1

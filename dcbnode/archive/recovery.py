@@ -25,7 +25,7 @@ from ..dcbs.volume import RecordEntry, fsync_directory
 from ..index.attributes import index_attributes
 from ..index.models import VolumeRow
 from ..index.writer import RecordPlacement, advance_indexed_end, clear_all, remove_instance, upsert_instance
-from .archive import VOLUMES_DIR, Archive
+from .archive import VOLUMES_DIR, Archive, volume_generation
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def resolve_generations(archive: Archive) -> list[Path]:
     removed: list[Path] = []
     for paths in groups.values():
         if len(paths) > 1:
-            removed += _resolve_group(archive, sorted(paths, key=_generation))
+            removed += _resolve_group(archive, sorted(paths, key=lambda path: volume_generation(path.name)))
     return removed
 
 
@@ -102,12 +102,6 @@ def _resolve_group(archive: Archive, paths: list[Path]) -> list[Path]:
     finally:
         for descriptor in descriptors:
             os.close(descriptor)
-
-
-def _generation(path: Path) -> int:
-    """1 for ``<hash>.dcbs``, N for ``<hash>.gN.dcbs``."""
-    parts = path.name.split(".")
-    return int(parts[-2][1:]) if len(parts) == 3 and parts[-2][1:].isdigit() else 1
 
 
 def recover(archive: Archive, progress: Progress | None = None) -> RecoveryReport:

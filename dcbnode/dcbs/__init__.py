@@ -24,7 +24,7 @@ from .instance import EncodedInstance, ParsedInstance, encode_instance, is_valid
 from .rebuild import RebuiltInstance, UnavailableSyntaxError, available_syntaxes, rebuild
 from .series import append_instance, append_tombstone, live_instances
 from .stored import StoredInstance
-from .volume import RecordLocation, Volume, VolumeFullError, VolumeReplacedError
+from .volume import RecordLocation, Volume, VolumeFullError, VolumeNotFoundError, VolumeReplacedError
 
 __all__ = [
     "CorruptRecordError",
@@ -44,6 +44,7 @@ __all__ = [
     "UnsupportedTransferSyntaxError",
     "Volume",
     "VolumeFullError",
+    "VolumeNotFoundError",
     "VolumeReplacedError",
     "append_instance",
     "append_tombstone",

@@ -40,6 +40,10 @@ class VolumeReplacedError(DcbsError):
     """The file was unlinked (compaction replaced it) while this descriptor was open: reopen by path."""
 
 
+class VolumeNotFoundError(DcbsFormatError):
+    """No volume file at the path (and it was not to be created)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecordLocation:
     """Where a record lives in its volume: byte offset of its header and its total length."""
@@ -87,7 +91,7 @@ class Volume:
         try:
             fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise DcbsFormatError(f"{path}: no such volume") from None
+            raise VolumeNotFoundError(f"{path}: no such volume") from None
         try:
             volume_id = _read_file_header(path, fd)
         except BaseException:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -105,6 +105,17 @@ def instance_location(session: Session | Connection, sop_instance_uid: str) -> t
     return None if row is None else (row[0], row[1])
 
 
+def indexed_generations(connection: Connection, stem: str) -> list[str]:
+    """Paths of the indexed volumes named ``<stem>.dcbs`` or ``<stem>.gN.dcbs``.
+
+    A prefix LIKE, not a range on the path index: PostgreSQL's locale collations do not order
+    punctuation bytewise.  It scans the volumes table (one row per series), once per series and
+    process: the archive caches the answer.
+    """
+    rows = connection.execute(select(_VOLUMES.c.path).where(_VOLUMES.c.path.startswith(stem + ".", autoescape=True)))
+    return [path for (path,) in rows]
+
+
 def upsert_instance(
     session: Session,
     attributes: IndexAttributes,
@@ -168,12 +179,13 @@ def _series_pk(session: Session, attributes: IndexAttributes, cache: LevelCache)
     return pk
 
 
+_INSTANCE_LEVEL = frozenset({"sop_instance_uid", "sop_class_uid", "instance_number", "number_of_frames"})
+_LEVEL_FIELDS = tuple(f.name for f in fields(IndexAttributes) if f.name not in _INSTANCE_LEVEL)
+
+
 def _level_key(attributes: IndexAttributes) -> tuple:
     """The attributes written to the patient, study and series rows."""
-    values = asdict(attributes)
-    for instance_level in ("sop_instance_uid", "sop_class_uid", "instance_number", "number_of_frames"):
-        values.pop(instance_level)
-    return tuple(values.values())
+    return tuple(getattr(attributes, name) for name in _LEVEL_FIELDS)
 
 
 def remove_instance(session: Session, sop_instance_uid: str) -> bool:
