@@ -145,10 +145,6 @@ class AccessConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     require_called_aet: bool = True
 
-    def allows_calling_aet(self, calling_aet: str) -> bool:
-        """True if ``calling_aet`` may associate (empty allow-list = anyone)."""
-        return not self.allowed_calling_aets or calling_aet.strip() in self.allowed_calling_aets
-
 
 @dataclass(frozen=True)
 class PeerConfig:

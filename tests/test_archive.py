@@ -184,3 +184,25 @@ def test_stores_after_compaction_go_into_the_new_generation(archive: Archive) ->
     assert pixels_equal(read(later), rebuilt)
     with pytest.raises(KeyError):
         _retrieve(archive, read(first).SOPInstanceUID)
+
+
+def test_a_study_moved_to_another_patient_leaves_no_empty_patient(archive: Archive) -> None:
+    """A corrected Patient ID arrives with later instances of a study: the study moves to the new
+    patient, and the old patient row, now without studies, goes (else PATIENT-level C-FIND lists it)."""
+    from sqlalchemy import select
+
+    from dcbnode.index.models import Patient
+
+    def copy(patient_id: str) -> bytes:
+        dataset = read(_ct_copy())
+        dataset.PatientID = patient_id
+        dataset.StudyInstanceUID = study
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    study = generate_uid()
+    archive.store(copy("WRONG-ID"))
+    archive.store(copy("RIGHT-ID"))
+    with archive.index.session() as session:
+        assert session.scalars(select(Patient.patient_id)).all() == ["RIGHT-ID"]

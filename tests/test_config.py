@@ -337,13 +337,6 @@ def test_explicit_sqlite_url_is_kept(tmp_path: Path) -> None:
     assert config.node.resolved_database_url == url
 
 
-def test_access_allows_calling_aet() -> None:
-    assert AccessConfig().allows_calling_aet("ANYONE")
-    restricted = AccessConfig(allowed_calling_aets=("CT01",))
-    assert restricted.allows_calling_aet("CT01 ")
-    assert not restricted.allows_calling_aet("MR01")
-
-
 # ---------------------------------------------------------------- overrides
 
 

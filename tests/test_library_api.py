@@ -238,6 +238,19 @@ def test_two_series_error_names_a_file_of_each_series(tmp_path: Path) -> None:
     assert stray in str(caught.value)
 
 
+def test_two_files_of_one_instance(tmp_path: Path) -> None:
+    """A slice copied twice under two names: refused, naming both files, rather than one silently
+    hiding the other in the volume."""
+    folder = _series_folder(tmp_path / "series")
+    original = sorted(folder.iterdir())[0]
+    copy = folder / "zz-copy.dcm"
+    shutil.copyfile(original, copy)
+    with pytest.raises(dcbs.InvalidDatasetError, match="same SOP Instance UID") as caught:
+        dcbs.load_from_dicom_folder(folder)
+    assert original.name in str(caught.value)
+    assert copy.name in str(caught.value)
+
+
 def test_empty_folder(tmp_path: Path) -> None:
     """No files at all: an error naming the folder (not an empty volume)."""
     folder = tmp_path / "empty"

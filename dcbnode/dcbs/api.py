@@ -60,9 +60,13 @@ def load_from_dicom_folder(folder: str | os.PathLike[str], *, recursive: bool = 
     candidates = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
     keyed: list[tuple[tuple, Path]] = []
     series: dict[str, Path] = {}
+    instances: dict[str, Path] = {}
     for path in candidates:
         header = _read_header(path)
         series.setdefault(str(header.SeriesInstanceUID), path)
+        if (first := instances.setdefault(str(header.SOPInstanceUID), path)) != path:
+            raise InvalidDatasetError(f"has the same SOP Instance UID as {first}; remove one of the two",
+                                      source=path)
         keyed.append((_sort_key(_int(header, "InstanceNumber"), _position(header), str(header.SOPInstanceUID)),
                       path))
     if not keyed:

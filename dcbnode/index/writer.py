@@ -242,7 +242,14 @@ def _study(session: Session, attributes: IndexAttributes) -> Study:
         study = Study(study_instance_uid=attributes.study_instance_uid,
                       specific_character_set=attributes.specific_character_set, patient=patient)
         session.add(study)
-    study.patient = patient
+    elif study.patient is not patient:
+        # The study now belongs to another patient (a corrected Patient ID): a patient left without
+        # studies would still answer PATIENT-level C-FINDs.
+        previous = study.patient
+        study.patient = patient
+        session.flush()
+        if not session.scalar(select(func.count()).select_from(Study).where(Study.patient_pk == previous.id)):
+            session.delete(previous)
     study.study_date = attributes.study_date
     study.study_time = attributes.study_time
     study.accession_number = attributes.accession_number
