@@ -59,5 +59,7 @@ def received_file_meta(
     goes in Source Application Entity Title (PS3.10 7.1)."""
     elements = writer_elements(sop_class_uid, sop_instance_uid, transfer_syntax)
     if source_ae_title:
-        elements[0x00020016] = meta_element(0x00020016, "AE", even(source_ae_title.encode("ascii"), b" "))
+        # AE is the default repertoire (PS3.5 6.2); whatever else a peer sent becomes "?".
+        value = source_ae_title.encode("ascii", "replace")
+        elements[0x00020016] = meta_element(0x00020016, "AE", even(value, b" "))
     return file_meta_group(elements)
