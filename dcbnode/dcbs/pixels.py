@@ -143,7 +143,7 @@ def decode_with_pydicom(codestream: bytes, syntax: str, image: ImageInfo, *, raw
 
 def decode_frame(codec: str, data: bytes, image: ImageInfo, received_syntax: str) -> np.ndarray:
     """Decode one stored frame to its native array (interleaved samples)."""
-    if codec == Codec.HTJ2K:
+    if codec in (Codec.HTJ2K, Codec.HTJ2K_SHARED):  # StoredInstance.frame restored the shared header
         return imagecodecs.htj2k_decode(data)
     if codec == Codec.ZSTD:
         dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
