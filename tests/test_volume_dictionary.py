@@ -8,6 +8,8 @@ written, damaged, compacted and decoded by pydicom (pylibjpeg), GDCM and imageco
 from __future__ import annotations
 
 import shutil
+import warnings
+from io import BytesIO
 from pathlib import Path
 
 import imagecodecs
@@ -219,3 +221,52 @@ def test_compaction_carries_the_dictionary(tmp_path: Path) -> None:
         assert any(f"offset {FILE_HEADER_SIZE}: record metadata checksum mismatch" in p for p in problems), problems
     finally:
         archive.close()
+
+
+def _odd_identity(variant: str) -> bytes:
+    """CT_small with unusual identity values, as Part-10 bytes."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if variant == "no instance number":
+        del dataset.InstanceNumber
+    elif variant == "instance number 2.0":
+        dataset["InstanceNumber"].value = "2.0"
+    elif variant == "padded instance number":
+        dataset["InstanceNumber"].value = " 12 "
+    elif variant == "two position values":
+        dataset["ImagePositionPatient"].value = ["1.5", "2.5"]
+    elif variant == "negative zero position":
+        dataset["ImagePositionPatient"].value = ["0", "0", "-0.0"]
+    elif variant == "exponent position":
+        dataset["ImagePositionPatient"].value = ["0", "0", "1.25E2"]
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "no instance number",
+        "instance number 2.0",
+        "padded instance number",
+        "two position values",
+        "negative zero position",
+        "exponent position",
+    ],
+)
+def test_identity_fields_come_back_as_encoded(tmp_path: Path, variant: str) -> None:
+    """Whether a COMPACT record keeps SOP Instance UID, instance number and slice position in its JSON
+    or reads them back from the header, they equal what encoding found (type and sign included)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the odd values it is asked to write
+        encoded = dcbs.encode_instance(_odd_identity(variant))
+    path = tmp_path / "odd.dcbs"
+    with dcbs.Volume.open(path, writable=True, create=True) as volume:
+        dcbs.append_instance(volume, encoded)
+        dcbs.append_instance(volume, encoded)  # the second record is compressed against the first
+    with dcbs.Volume.open(path) as volume:
+        (stored,) = dcbs.live_instances(volume).values()
+    for field in ("sop_instance_uid", "instance_number", "slice_position"):
+        assert repr(getattr(stored.meta, field)) == repr(getattr(encoded.meta, field)), field

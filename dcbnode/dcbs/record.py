@@ -127,7 +127,8 @@ def meta_content(meta: InstanceMeta, blobs: InstanceBlobs) -> bytes:
     that the varying values are stored once (≈13 bytes per record after compression).
     """
     derived = header_identity(blobs.header)
-    omit = {key for key in _DERIVED if derived[key] is not None and derived[key] == getattr(meta, key)}
+    # repr, not ==: 0.0 == -0.0 and 1 == 1.0, but the JSON must come back as it would have been written
+    omit = {key for key in _DERIVED if derived[key] is not None and repr(derived[key]) == repr(getattr(meta, key))}
     return _pack(meta, {name: getattr(blobs, name) for name in _BLOB_ORDER}, omit)
 
 
