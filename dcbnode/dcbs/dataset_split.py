@@ -230,10 +230,11 @@ def slice_position(dataset: Dataset) -> float | None:
 def header_identity(header: bytes) -> dict[str, object]:
     """SOP Instance UID, instance number and slice position as read from a stored header's bytes.
 
-    A direct walk over the top-level elements up to (0020,0032) Image Position (Patient), ≈30× faster
-    than pydicom.  A value that is missing or cannot be read is None.  The values need not agree with
-    pydicom's reading: a record leaves a field out of its JSON only when this gives the very value the
-    JSON would hold (``record.meta_content``), and reading applies this same function to the same bytes.
+    A direct walk over the top-level elements up to (0020,0032) Image Position (Patient), ≈5× faster
+    than pydicom reading the same elements.  A value that is missing or cannot be read is None.  The
+    values need not agree with pydicom's reading: a record leaves a field out of its JSON only when
+    this gives the very value the JSON would hold (``record.meta_content``), and reading applies this
+    same function to the same bytes.
     """
     values: dict[int, bytes] = {}
     try:
