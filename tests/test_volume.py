@@ -137,7 +137,8 @@ def test_two_processes_append_concurrently(tmp_path: Path) -> None:
     reference = pydicom.dcmread(CT_SMALL).pixel_array
     with dcbs.Volume.open(volume_path) as volume:
         records = list(volume.records())
-        assert len(records) == 40
+        kinds = [entry.header.kind for entry in records]
+        assert kinds == [dcbs.RecordKind.DICTIONARY] + [dcbs.RecordKind.INSTANCE] * 40  # one dictionary, first
         assert FILE_HEADER_SIZE + sum(entry.location.length for entry in records) == volume.size()
         live = dcbs.live_instances(volume)
         assert set(live) == expected
@@ -182,7 +183,8 @@ def test_process_killed_while_appending(tmp_path: Path) -> None:
             records = list(volume.records())
             assert records, "nothing was appended before the kill"
             assert records[-1].location.offset + records[-1].location.length == volume.size()
-            for entry in records:
+            assert records[0].header.kind == dcbs.RecordKind.DICTIONARY
+            for entry in records[1:]:
                 assert len(list(dcbs.StoredInstance.read(volume, entry.location.offset).iter_frames())) == 10
             (stored,) = dcbs.live_instances(volume).values()  # one SOP Instance UID: last record wins
             assert_intact(stored, source)
@@ -313,9 +315,11 @@ def _positions(location: dcbs.RecordLocation, meta_length: int) -> dict[str, lis
     """Byte positions (relative to the record) to damage, by region."""
     meta_end = RECORD_HEADER_SIZE + meta_length
     return {
-        "header": [0, 4, 8, 16, 20, 24, 28, 31],  # magic, kind, payload length, meta length/crc, reserved, crc
-        "metadata": [RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + 2, RECORD_HEADER_SIZE + 40,
-                     (RECORD_HEADER_SIZE + meta_end) // 2, meta_end - 1],  # JSON length, JSON, blobs
+        # magic, kind, payload length, meta length/crc, dictionary id, crc
+        "header": [0, 4, 8, 16, 20, 24, 28, 31],
+        # the zstd frame of the metadata: its start, early, a third in, the middle, its last byte
+        "metadata": [RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + 2, RECORD_HEADER_SIZE + meta_length // 3,
+                     (RECORD_HEADER_SIZE + meta_end) // 2, meta_end - 1],
         "frames": [meta_end, meta_end + 1, (meta_end + location.length) // 2, location.length - 1],
     }
 
@@ -485,7 +489,7 @@ def test_last_record_wins_and_tombstones(tmp_path: Path) -> None:
         assert_intact(live[b], b1)
         assert list(dcbs.live_instances(volume, start=mark)) == [b]  # incremental scan from a boundary
         assert [entry.header.kind.name for entry in volume.records()] == [
-            "INSTANCE", "INSTANCE", "INSTANCE", "TOMBSTONE", "TOMBSTONE", "INSTANCE"]
+            "DICTIONARY", "INSTANCE", "INSTANCE", "INSTANCE", "TOMBSTONE", "TOMBSTONE", "INSTANCE"]
 
 
 def test_failed_on_durable_leaves_nothing(tmp_path: Path) -> None:

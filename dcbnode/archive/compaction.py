@@ -5,8 +5,9 @@ Compaction rewrites a volume that holds dead records (superseded or tombstoned) 
 file keeps the old file's volume id, which is how :mod:`.recovery` recognises the two files of an
 interrupted compaction (the one the index points to wins).  Steps, each crash-safe:
 
-1. take the old volume's ``flock`` (appenders wait), copy every live record verbatim into a hidden
-   temporary file, ``fsync`` it (a crash leaves only a ``.*.tmp`` that recovery deletes);
+1. take the old volume's ``flock`` (appenders wait), copy the dictionary record (which the instance
+   records of the volume name by id) and then every live record verbatim into a hidden temporary file,
+   ``fsync`` it (a crash leaves only a ``.*.tmp`` that recovery deletes);
 2. link it into place under the new generation name, ``fsync`` the directory (a crash leaves two
    generations, the index points to the old one: recovery removes the new one);
 3. one index transaction moves every instance row to the new path and offsets and drops the old
@@ -34,9 +35,10 @@ from ..dcbs import (
     StoredInstance,
     Volume,
 )
+from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import RecordKind, pack_file_header
 from ..dcbs.record import unpack_tombstone
-from ..dcbs.volume import fsync_directory
+from ..dcbs.volume import RecordEntry, RecordLocation, fsync_directory
 from ..index.models import Instance, VolumeRow
 from ..index.writer import volume_row
 from .archive import Archive
@@ -76,6 +78,8 @@ def dead_records(path: Path) -> tuple[int, int]:
         by_uid: dict[str, int] = {}
         records = 0
         for entry in volume.records():
+            if entry.header.kind == RecordKind.DICTIONARY:
+                continue  # shared by the instance records, never dead while any is live
             records += 1
             if entry.header.kind == RecordKind.TOMBSTONE:
                 by_uid.pop(unpack_tombstone(volume.read_meta(entry.location.offset)[1])["sop_instance_uid"], None)
@@ -95,6 +99,8 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # appenders to this volume wait until we are done
         with Volume.open(path) as volume:
             entries = list(volume.records())
+            dictionaries = [entry for entry in entries if entry.header.kind == RecordKind.DICTIONARY]
+            entries = [entry for entry in entries if entry.header.kind != RecordKind.DICTIONARY]
             live: dict[str, StoredInstance] = {}
             for entry in entries:
                 if entry.header.kind == RecordKind.TOMBSTONE:
@@ -109,7 +115,7 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
             old_offsets = {uid: s.location.offset for uid, s in live.items()}
             _check_index_agrees(archive, old_relative, old_offsets)
             target = _next_generation_path(path)
-            new_offsets = _write_generation(volume, target, list(live.values()), pause) if live else {}
+            new_offsets = _write_generation(volume, target, dictionaries, list(live.values()), pause) if live else {}
         if pause:
             pause("linked")
         new_relative = archive.index_path(target) if live else None
@@ -142,9 +148,13 @@ def _check_index_agrees(archive: Archive, path: str, live: dict[str, int]) -> No
                         "and 'dcbnode-admin reindex' before compacting")
 
 
-def _write_generation(volume: Volume, target: Path, live: list[StoredInstance],
+def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEntry], live: list[StoredInstance],
                       pause: Callable[[str], None] | None) -> dict[str, int]:
-    """Copy the live records verbatim into ``target`` (same volume id); returns new offsets by UID."""
+    """Copy the dictionary records, then the live records, verbatim into ``target`` (same volume id).
+
+    Dictionaries come first so that every record finds the one it names before it; returns the new
+    offsets by UID.
+    """
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     offsets: dict[str, int] = {}
@@ -152,16 +162,16 @@ def _write_generation(volume: Volume, target: Path, live: list[StoredInstance],
         header = pack_file_header(volume.volume_id)
         os.write(fd, header)
         position = len(header)
+        for entry in dictionaries:
+            read_dictionary(volume, entry.location.offset)  # checked like every record copied
+            _copy(volume, fd, entry.location)
+            position += entry.location.length
         for stored in sorted(live, key=lambda s: s.location.offset):
             for _ in stored.iter_frames():  # never copy a damaged record into the new generation
                 pass
             offsets[stored.meta.sop_instance_uid] = position
-            start, length = stored.location.offset, stored.location.length
-            for chunk_start in range(0, length, _COPY_CHUNK):
-                chunk = memoryview(volume.read_exact(start + chunk_start, min(_COPY_CHUNK, length - chunk_start)))
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk):]
-            position += length
+            _copy(volume, fd, stored.location)
+            position += stored.location.length
             if pause:
                 pause("copying")
         os.fsync(fd)
@@ -176,6 +186,15 @@ def _write_generation(volume: Volume, target: Path, live: list[StoredInstance],
             os.close(fd)
         temporary.unlink(missing_ok=True)
     return offsets
+
+
+def _copy(volume: Volume, fd: int, location: RecordLocation) -> None:
+    """Append one record of ``volume`` to the file ``fd``, byte for byte."""
+    start, length = location.offset, location.length
+    for chunk_start in range(0, length, _COPY_CHUNK):
+        chunk = memoryview(volume.read_exact(start + chunk_start, min(_COPY_CHUNK, length - chunk_start)))
+        while chunk:
+            chunk = chunk[os.write(fd, chunk):]
 
 
 def _move_rows(session: Session, old: str, new: str | None, old_offsets: dict[str, int],

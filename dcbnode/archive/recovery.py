@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..dcbs import StoredInstance, Volume
 from ..dcbs.dataset_split import parse_explicit_le
+from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import FILE_HEADER_SIZE, RecordKind, unpack_file_header
 from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, fsync_directory
@@ -163,6 +164,10 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
 def _apply(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,
            report: RecoveryReport) -> None:
     end = entry.location.offset + entry.location.length
+    if entry.header.kind == RecordKind.DICTIONARY:
+        read_dictionary(volume, entry.location.offset)  # checked now: the records after it need it
+        advance_indexed_end(session, relative, end)
+        return
     if entry.header.kind == RecordKind.TOMBSTONE:
         _, block = volume.read_meta(entry.location.offset)
         if remove_instance(session, unpack_tombstone(block)["sop_instance_uid"]):

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from ..dcbs import CorruptRecordError, DcbsError, StoredInstance, Volume
+from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import FILE_HEADER_SIZE, RecordKind
 from ..dcbs.record import unpack_tombstone
 from ..index.models import Instance, VolumeRow
@@ -42,6 +43,9 @@ def _check_volume(path: Path, report: VerifyReport) -> tuple[dict[str, int], int
                 report.records += 1
                 offset = entry.location.offset
                 try:
+                    if entry.header.kind == RecordKind.DICTIONARY:
+                        read_dictionary(volume, offset)
+                        continue
                     if entry.header.kind == RecordKind.TOMBSTONE:
                         live.pop(unpack_tombstone(volume.read_meta(offset)[1])["sop_instance_uid"], None)
                         continue

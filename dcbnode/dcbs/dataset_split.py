@@ -31,6 +31,9 @@ from .errors import InvalidDatasetError
 
 #: Top-level pixel data elements: Pixel Data, Float Pixel Data, Double Float Pixel Data.
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+#: SOP Instance UID, Instance Number, Image Position (Patient): what :func:`header_identity` reads.
+_IDENTITY_TAGS = (0x00080018, 0x00200013, 0x00200032)
+_LAST_IDENTITY_TAG = _IDENTITY_TAGS[-1]
 #: Top-level elements that some output forms replace or drop; their byte spans are recorded.
 PATCHABLE_TAGS = (0x00280000, 0x00280004, 0x00280006, 0x7FE00000, 0x7FE00001, 0x7FE00002)
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -204,6 +207,114 @@ def encode_little_endian(dataset: Dataset, *, implicit_vr: bool = False) -> byte
 def parse_explicit_le(data: bytes) -> Dataset:
     """Parse Explicit VR Little Endian dataset bytes (a stored header or suffix)."""
     return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+
+
+def instance_number(dataset: Dataset) -> int | None:
+    """InstanceNumber as an integer, or None when missing or not a number."""
+    try:
+        value = dataset.get("InstanceNumber")
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def slice_position(dataset: Dataset) -> float | None:
+    """ImagePositionPatient[2] as a float (used only for ordering), or None."""
+    try:
+        position = dataset.get("ImagePositionPatient")
+        return float(position[2]) if position and len(position) == 3 else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def header_identity(header: bytes) -> dict[str, object]:
+    """SOP Instance UID, instance number and slice position as read from a stored header's bytes.
+
+    A direct walk over the top-level elements up to (0020,0032) Image Position (Patient), ≈5× faster
+    than pydicom reading the same elements.  A value that is missing or cannot be read is None.  The
+    values need not agree with pydicom's reading: a record leaves a field out of its JSON only when
+    this gives the very value the JSON would hold (``record.meta_content``), and reading applies this
+    same function to the same bytes.
+    """
+    values: dict[int, bytes] = {}
+    try:
+        for tag, value in _top_level_values(header, _LAST_IDENTITY_TAG):
+            if tag in _IDENTITY_TAGS:
+                values[tag] = value
+    except (struct.error, ValueError):
+        pass  # a damaged or unusual header: what was found before stays usable
+    return {
+        "sop_instance_uid": _uid(values.get(0x00080018)),
+        "instance_number": _number(values.get(0x00200013), int),
+        "slice_position": _number(values.get(0x00200032), float, index=2),
+    }
+
+
+def _top_level_values(data: bytes, last: int) -> Iterator[tuple[int, bytes]]:
+    """(tag, value) of the top-level Explicit VR LE elements up to tag ``last``; sequences are skipped."""
+    position = 0
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        tag = (group << 16) | element
+        if tag > last:
+            return
+        vr = data[position + 4 : position + 6]
+        if vr.decode("latin-1") in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            start = position + 8
+        if length == 0xFFFFFFFF:
+            position = _skip_undefined(data, start)
+            continue
+        if start + length > len(data):
+            raise ValueError("element runs past the header")
+        yield tag, data[start : start + length]
+        position = start + length
+
+
+def _skip_undefined(data: bytes, position: int) -> int:
+    """Position after the Sequence Delimitation Item closing an undefined-length value at ``position``."""
+    while position + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, position)
+        position += 8
+        if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimitation
+            return position
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError("unexpected element in a sequence")
+        position = _skip_item(data, position) if length == 0xFFFFFFFF else position + length
+    raise ValueError("sequence runs past the header")
+
+
+def _skip_item(data: bytes, position: int) -> int:
+    """Position after the Item Delimitation Item closing an undefined-length item at ``position``."""
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        if (group, element) == (0xFFFE, 0xE00D):  # item delimitation
+            return position + 8
+        if data[position + 4 : position + 6].decode("latin-1") in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            start = position + 8
+        position = _skip_undefined(data, start) if length == 0xFFFFFFFF else start + length
+    raise ValueError("item runs past the header")
+
+
+def _uid(value: bytes | None) -> str | None:
+    return None if value is None else value.rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _number(value: bytes | None, kind: type, *, index: int = 0) -> object:
+    """Value ``index`` of a multi-valued IS or DS string as ``kind``, or None."""
+    if value is None:
+        return None
+    try:
+        return kind(value.split(b"\\")[index].strip(b"\0 ").decode("ascii"))
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def _reencode(dataset: Dataset, pixel_tag: int | None) -> tuple[bytes, bytes, dict[str, list[int]]]:

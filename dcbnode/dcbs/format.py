@@ -18,8 +18,8 @@ FILE_HEADER = struct.Struct("<8sHHI16s28sI")
 FILE_HEADER_SIZE = FILE_HEADER.size  # 64
 
 RECORD_MAGIC = b"DCBR"
-#: magic, kind u8, reserved u8, reserved u16, payload length u64, meta length u32, meta crc u32,
-#: reserved u32, header crc u32
+#: magic, kind u8, metadata layout u8, reserved u16, payload length u64, meta length u32, meta crc u32,
+#: dictionary id u32, header crc u32
 RECORD_HEADER = struct.Struct("<4sBBHQIIII")
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 32
 
@@ -29,6 +29,14 @@ class RecordKind(IntEnum):
 
     INSTANCE = 1
     TOMBSTONE = 2
+    DICTIONARY = 3  #: what the instance records of the volume share (see ``dictionary.py``)
+
+
+class MetaLayout(IntEnum):
+    """How an instance record's metadata block is encoded (byte 5 of the record header)."""
+
+    JSON = 0  #: u32 JSON length, JSON, blobs (the header blob zstd-compressed on its own)
+    COMPACT = 1  #: the same content, uncompressed, in one zstd frame using the volume dictionary
 
 
 def crc32(data: bytes | memoryview) -> int:
@@ -64,6 +72,9 @@ class RecordHeader:
     payload_length: int
     meta_length: int
     meta_crc: int
+    layout: MetaLayout = MetaLayout.JSON
+    #: the metadata CRC of the dictionary record a COMPACT record was written with (0 otherwise)
+    dictionary_id: int = 0
 
     @property
     def total_length(self) -> int:
@@ -72,14 +83,16 @@ class RecordHeader:
 
     def pack(self) -> bytes:
         """Encode the header, checksum included."""
-        body = RECORD_HEADER.pack(RECORD_MAGIC, self.kind, 0, 0, self.payload_length, self.meta_length,
-                                  self.meta_crc, 0, 0)
+        body = RECORD_HEADER.pack(RECORD_MAGIC, self.kind, self.layout, 0, self.payload_length, self.meta_length,
+                                  self.meta_crc, self.dictionary_id, 0)
         return body[:-4] + struct.pack("<I", crc32(body[:-4]))
 
     @classmethod
     def unpack(cls, data: bytes) -> RecordHeader:
         """Decode and check a record header; raise ``ValueError`` saying what is wrong."""
-        magic, kind, _r1, _r2, payload_length, meta_length, meta_crc, _r3, crc = RECORD_HEADER.unpack_from(data)
+        magic, kind, layout, _reserved, payload_length, meta_length, meta_crc, dictionary_id, crc = (
+            RECORD_HEADER.unpack_from(data)
+        )
         if magic != RECORD_MAGIC:
             raise ValueError("bad record magic")
         if crc != crc32(data[: RECORD_HEADER_SIZE - 4]):
@@ -90,4 +103,8 @@ class RecordHeader:
             record_kind = RecordKind(kind)
         except ValueError:
             raise ValueError(f"unknown record kind {kind}") from None
-        return cls(record_kind, payload_length, meta_length, meta_crc)
+        try:
+            meta_layout = MetaLayout(layout)
+        except ValueError:
+            raise ValueError(f"unknown metadata layout {layout}; upgrade dcbnode to read it") from None
+        return cls(record_kind, payload_length, meta_length, meta_crc, meta_layout, dictionary_id)

@@ -19,7 +19,8 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian
 
-from .dataset_split import SplitDataset, split_dataset
+from .dataset_split import SplitDataset, instance_number, slice_position, split_dataset
+from .dictionary import SharedDictionary, codestream_header, pack_dictionary, strip_codestream
 from .errors import InvalidDatasetError, UndecodablePixelDataError, UnsupportedTransferSyntaxError
 from .pixels import (
     encode_htj2k_verified,
@@ -30,7 +31,7 @@ from .pixels import (
     uses_colour_transform,
     zstd_compress,
 )
-from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource, frame_table, pack_meta
+from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource, frame_table, meta_content
 from .syntaxes import HTJ2K_LOSSLESS_SYNTAXES, TRANSCODED_LOSSLESS_SYNTAXES, is_lossy_syntax, is_storable_syntax
 
 #: PS3.5 9.1 as hospitals meet it: digits and dots, no empty component, at most 64 characters.
@@ -47,9 +48,25 @@ class EncodedInstance:
     frames: list[bytes]
     dataset: Dataset  #: the parsed received dataset (for the index's attributes)
 
-    def record_meta(self) -> bytes:
-        """The record's metadata block."""
-        return pack_meta(self.meta, self.blobs)
+    def record(self, dictionary: SharedDictionary) -> tuple[bytes, list[bytes]]:
+        """The metadata block (COMPACT layout) and frame data of this record, written with ``dictionary``."""
+        meta, frames = self._stored(dictionary.codestream_header)
+        return dictionary.compress(meta_content(meta, self.blobs)), frames
+
+    def dictionary_candidate(self) -> bytes:
+        """The dictionary record a volume gets when this is its first instance (see ``dictionary.py``)."""
+        header = next((codestream_header(data) for entry, data in zip(self.meta.frames, self.frames, strict=True)
+                       if entry.codec == Codec.HTJ2K), b"")
+        meta, _ = self._stored(header)
+        return pack_dictionary(meta_content(meta, self.blobs), header)
+
+    def _stored(self, header: bytes) -> tuple[InstanceMeta, list[bytes]]:
+        """Metadata and frames as stored: HTJ2K frames without the shared ``header`` where it fits."""
+        frames: list[tuple[str, bytes]] = []
+        for entry, data in zip(self.meta.frames, self.frames, strict=True):
+            body = strip_codestream(header, data) if entry.codec == Codec.HTJ2K else None
+            frames.append((entry.codec, data) if body is None else (Codec.HTJ2K_SHARED, body))
+        return replace(self.meta, frames=frame_table(frames)), [data for _, data in frames]
 
     @property
     def stored_length(self) -> int:
@@ -87,8 +104,8 @@ class ParsedInstance:
             sop_class_uid=uids["SOPClassUID"],
             study_instance_uid=uids["StudyInstanceUID"],
             series_instance_uid=uids["SeriesInstanceUID"],
-            instance_number=_int_or_none(split.dataset, "InstanceNumber"),
-            slice_position=_slice_position(split.dataset),
+            instance_number=instance_number(split.dataset),
+            slice_position=slice_position(split.dataset),
             received_syntax=str(split.transfer_syntax),
             received_length=split.received_length,
             spans=split.spans,
@@ -141,22 +158,6 @@ def _required_uids(dataset: Dataset) -> dict[str, str]:
             raise InvalidDatasetError(f"{keyword} is not a valid UID")
         uids[keyword] = str(value)
     return uids
-
-
-def _int_or_none(dataset: Dataset, keyword: str) -> int | None:
-    try:
-        value = dataset.get(keyword)
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _slice_position(dataset: Dataset) -> float | None:
-    try:
-        position = dataset.get("ImagePositionPatient")
-        return float(position[2]) if position and len(position) == 3 else None
-    except (TypeError, ValueError, IndexError):
-        return None
 
 
 def _image_attribute(dataset: Dataset, keyword: str, default: int | None = None) -> int:

@@ -1,30 +1,33 @@
 """What an instance record holds, and how its metadata block is laid out.
 
-An instance record's payload is a metadata block followed by the frame data.  The metadata block is
-``u32 json_length``, a UTF-8 JSON object (:class:`InstanceMeta`), then the binary blobs the JSON
-describes: the zstd-compressed dataset header, the original file meta, and a few small byte strings
-needed to rebuild the original Pixel Data element exactly.
+An instance record's payload is a metadata block followed by the frame data.  The metadata *content*
+is ``u32 json_length``, a UTF-8 JSON object (:class:`InstanceMeta`), then the binary blobs the JSON
+describes: the dataset header, the original file meta, and a few small byte strings needed to rebuild
+the original Pixel Data element exactly.  Records are written in the COMPACT layout (the content in
+one zstd frame using the volume dictionary, ``dictionary.py``); records of the older JSON layout (the
+content itself, with only the header blob zstd-compressed) are still read.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import zstandard
 
+from .dataset_split import header_identity
 from .format import crc32
 
 _JSON_LENGTH = struct.Struct("<I")
-#: zstd level for headers: they are small, and level 9 stays well under a millisecond.
-_HEADER_ZSTD_LEVEL = 9
 
 
 class Codec:
     """Names of the per-frame codecs (the ``codec`` field of a frame entry)."""
 
     HTJ2K = "htj2k"  #: HTJ2K lossless codestream of the stored values
+    #: the same codestream stored without the main header and tile-part header the volume dictionary holds
+    HTJ2K_SHARED = "htj2k-shared"
     ZSTD = "zstd"  #: zstd of the native little-endian frame bytes
     ORIGINAL = "original"  #: the original (lossy) encapsulated fragments, concatenated, byte for byte
 
@@ -113,26 +116,42 @@ class InstanceBlobs:
 
 
 _BLOB_ORDER = ("header", "suffix", "file_meta", "basic_offsets", "native_tail")
+#: JSON fields a COMPACT record omits when its header blob gives the same value (``header_identity``)
+_DERIVED = ("sop_instance_uid", "instance_number", "slice_position")
 
 
-def pack_meta(meta: InstanceMeta, blobs: InstanceBlobs) -> bytes:
-    """Encode the metadata block (the header blob is zstd-compressed here)."""
-    values = {
-        "header": zstandard.ZstdCompressor(level=_HEADER_ZSTD_LEVEL).compress(blobs.header),
-        "suffix": blobs.suffix,
-        "file_meta": blobs.file_meta,
-        "basic_offsets": blobs.basic_offsets,
-        "native_tail": blobs.native_tail,
-    }
+def meta_content(meta: InstanceMeta, blobs: InstanceBlobs) -> bytes:
+    """The metadata content of a COMPACT record: JSON and blobs, all uncompressed.
+
+    The JSON leaves out each identity field (:data:`_DERIVED`) the header blob gives back equal, so
+    that the varying values are stored once (≈13 bytes per record after compression).
+    """
+    derived = header_identity(blobs.header)
+    # repr, not ==: 0.0 == -0.0 and 1 == 1.0, but the JSON must come back as it would have been written
+    omit = {key for key in _DERIVED if derived[key] is not None and repr(derived[key]) == repr(getattr(meta, key))}
+    return _pack(meta, {name: getattr(blobs, name) for name in _BLOB_ORDER}, omit)
+
+
+def unpack_content(content: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
+    """Decode the metadata content of a COMPACT record; raises ``ValueError`` if malformed."""
+    return _unpack(content, derive=True)
+
+
+def unpack_meta(block: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
+    """Decode a metadata block of the JSON layout (header blob zstd-compressed); ``ValueError`` if malformed."""
+    meta, blobs = _unpack(block)
+    return meta, replace(blobs, header=zstandard.ZstdDecompressor().decompress(blobs.header))
+
+
+def _pack(meta: InstanceMeta, values: dict[str, bytes], omit: set[str]) -> bytes:
     lengths = {name: len(values[name]) for name in _BLOB_ORDER}
-    document = asdict(meta)
+    document = {key: value for key, value in asdict(meta).items() if key not in omit}
     document["blob_lengths"] = lengths
     encoded = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
     return b"".join([_JSON_LENGTH.pack(len(encoded)), encoded, *(values[name] for name in _BLOB_ORDER)])
 
 
-def unpack_meta(block: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
-    """Decode a metadata block written by :func:`pack_meta`; raises ``ValueError`` if malformed."""
+def _unpack(block: bytes, *, derive: bool = False) -> tuple[InstanceMeta, InstanceBlobs]:
     if len(block) < _JSON_LENGTH.size:
         raise ValueError("metadata block too short")
     (json_length,) = _JSON_LENGTH.unpack_from(block)
@@ -140,8 +159,11 @@ def unpack_meta(block: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
     document = json.loads(block[start : start + json_length])
     image = document.pop("image")
     frames = [FrameEntry(**entry) for entry in document.pop("frames")]
-    meta = InstanceMeta(**document, image=ImageInfo(**image) if image else None, frames=frames)
     position = start + json_length
+    if derive and any(key not in document for key in _DERIVED):
+        header = block[position : position + document["blob_lengths"].get("header", 0)]
+        document = header_identity(header) | document
+    meta = InstanceMeta(**document, image=ImageInfo(**image) if image else None, frames=frames)
     values: dict[str, bytes] = {}
     for name in _BLOB_ORDER:
         length = meta.blob_lengths.get(name, 0)
@@ -149,7 +171,6 @@ def unpack_meta(block: bytes) -> tuple[InstanceMeta, InstanceBlobs]:
         position += length
     if position != len(block):
         raise ValueError("metadata block length does not match its blobs")
-    values["header"] = zstandard.ZstdDecompressor().decompress(values["header"])
     return meta, InstanceBlobs(**values)
 
 

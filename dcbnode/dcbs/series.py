@@ -11,8 +11,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from .dictionary import dictionary_for_append
 from .errors import CorruptRecordError
-from .format import RecordKind
+from .format import MetaLayout, RecordKind
 from .instance import EncodedInstance
 from .record import pack_tombstone, unpack_tombstone
 from .stored import StoredInstance
@@ -24,8 +25,14 @@ T = TypeVar("T")
 def append_instance(
     volume: Volume, encoded: EncodedInstance, on_durable: Callable[[RecordLocation], T] | None = None
 ) -> tuple[RecordLocation, T | None]:
-    """Append an encoded instance; it is on disk (fsync) before ``on_durable`` runs."""
-    return volume.append(RecordKind.INSTANCE, encoded.record_meta(), encoded.frames, on_durable=on_durable)
+    """Append an encoded instance; it is on disk (fsync) before ``on_durable`` runs.
+
+    The first instance of a volume writes the volume's dictionary record first.
+    """
+    dictionary = dictionary_for_append(volume, encoded.dictionary_candidate)
+    meta, frames = encoded.record(dictionary)
+    return volume.append(RecordKind.INSTANCE, meta, frames, layout=MetaLayout.COMPACT, dictionary_id=dictionary.id,
+                         on_durable=on_durable)
 
 
 def append_tombstone(
@@ -46,6 +53,8 @@ def live_instances(volume: Volume, *, start: int | None = None) -> dict[str, Sto
     entries = volume.records() if start is None else volume.walk_from(start)
     for entry in entries:
         offset = entry.location.offset
+        if entry.header.kind == RecordKind.DICTIONARY:
+            continue
         if entry.header.kind == RecordKind.TOMBSTONE:
             _, block = volume.read_meta(offset)
             try:

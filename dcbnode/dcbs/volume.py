@@ -15,18 +15,22 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import CorruptRecordError, DcbsError, DcbsFormatError
 from .format import (
     FILE_HEADER_SIZE,
     RECORD_HEADER_SIZE,
+    MetaLayout,
     RecordHeader,
     RecordKind,
     crc32,
     pack_file_header,
     unpack_file_header,
 )
+
+if TYPE_CHECKING:
+    from .dictionary import SharedDictionary
 
 T = TypeVar("T")
 _ZERO_CHECK_CHUNK = 1 << 20
@@ -74,6 +78,10 @@ class Volume:
         self._fd = fd
         self._lock = threading.Lock()
         self._known_end = FILE_HEADER_SIZE
+        #: dictionary records read so far, by id (they never change: see ``dictionary.py``)
+        self.dictionaries: dict[int, SharedDictionary] = {}
+        #: the dictionary new instance records of this volume are written with, once known
+        self.writer_dictionary: SharedDictionary | None = None
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -169,6 +177,8 @@ class Volume:
         meta: bytes,
         data_parts: Sequence[bytes | memoryview] = (),
         *,
+        layout: MetaLayout = MetaLayout.JSON,
+        dictionary_id: int = 0,
         on_durable: Callable[[RecordLocation], T] | None = None,
     ) -> tuple[RecordLocation, T | None]:
         """Append one record, fsync it, and return its location.
@@ -177,41 +187,69 @@ class Volume:
         index there, so index order follows volume order).  If it raises, the record is cut off again
         and the exception propagates: a failed store leaves nothing behind.
         """
-        if not self.writable:
-            raise DcbsError(f"{self.path}: volume is open read-only")
         payload_length = len(meta) + sum(len(part) for part in data_parts)
-        header = RecordHeader(kind, payload_length, len(meta), crc32(meta)).pack()
-        with self._locked():
-            if os.fstat(self._fd).st_nlink == 0:
-                # Compaction copied this volume and unlinked it while we waited for the lock: an
-                # append here would land in a file nobody will ever read.
-                raise VolumeReplacedError(f"{self.path}: volume was replaced; reopen it")
-            start = self._refresh_end()
-            try:
-                position = start
-                for part in (header, meta, *data_parts):
-                    position = self._write_all(part, position)
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                self._cut(start)
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise VolumeFullError(f"{self.path}: cannot append: {exc.strerror}") from exc
-                raise
-            location = RecordLocation(start, position - start)
-            result = None
-            if on_durable is not None:
-                try:
-                    result = on_durable(location)
-                except BaseException:
-                    self._cut(start)
-                    raise
-            self._known_end = position
-            return location, result
+        header = RecordHeader(kind, payload_length, len(meta), crc32(meta), layout, dictionary_id)
+        with self._locked_for_append():
+            return self._append_locked(header, meta, data_parts, on_durable)
+
+    def append_once(self, kind: RecordKind, make_meta: Callable[[], bytes]) -> RecordEntry:
+        """The volume's first record of ``kind``; if it has none, append one (metadata ``make_meta()``).
+
+        Checked and written under the append lock, so concurrent writers never both append one.
+        """
+        with self._locked_for_append():
+            self._refresh_end()
+            for entry in self.records():
+                if entry.header.kind == kind:
+                    return entry
+            meta = make_meta()
+            header = RecordHeader(kind, len(meta), len(meta), crc32(meta))
+            location, _ = self._append_locked(header, meta, (), None)
+            return RecordEntry(location, header)
 
     # -- internals -------------------------------------------------------------------------------------
 
     def _locked(self) -> _VolumeLock:
         return _VolumeLock(self._lock, self._fd)
+
+    def _locked_for_append(self) -> _VolumeLock:
+        if not self.writable:
+            raise DcbsError(f"{self.path}: volume is open read-only")
+        return self._locked()
+
+    def _append_locked(
+        self,
+        header: RecordHeader,
+        meta: bytes,
+        data_parts: Sequence[bytes | memoryview],
+        on_durable: Callable[[RecordLocation], T] | None,
+    ) -> tuple[RecordLocation, T | None]:
+        """Write one record at the end and fsync it; the caller holds the append lock."""
+        if os.fstat(self._fd).st_nlink == 0:
+            # Compaction copied this volume and unlinked it while we waited for the lock: an
+            # append here would land in a file nobody will ever read.
+            raise VolumeReplacedError(f"{self.path}: volume was replaced; reopen it")
+        start = self._refresh_end()
+        try:
+            position = start
+            for part in (header.pack(), meta, *data_parts):
+                position = self._write_all(part, position)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._cut(start)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise VolumeFullError(f"{self.path}: cannot append: {exc.strerror}") from exc
+            raise
+        location = RecordLocation(start, position - start)
+        result = None
+        if on_durable is not None:
+            try:
+                result = on_durable(location)
+            except BaseException:
+                self._cut(start)
+                raise
+        self._known_end = position
+        return location, result
 
     def _write_all(self, data: bytes | memoryview, position: int) -> int:
         view = memoryview(data)
