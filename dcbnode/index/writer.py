@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -91,6 +92,17 @@ def instance_location(session: Session, sop_instance_uid: str) -> tuple[str, int
         .where(Instance.sop_instance_uid == sop_instance_uid)
     ).first()
     return None if row is None else (row[0], row[1])
+
+
+def instance_locations(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """(volume path, record offset) of each indexed instance among ``sop_instance_uids``, in one query
+    (callers keep the list short: it becomes an IN clause)."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, VolumeRow.path, Instance.record_offset)
+        .join(VolumeRow, Instance.volume_pk == VolumeRow.id)
+        .where(Instance.sop_instance_uid.in_(sop_instance_uids))
+    )
+    return {uid: (path, offset) for uid, path, offset in rows}
 
 
 def upsert_instance(

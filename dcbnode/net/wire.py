@@ -1,0 +1,234 @@
+"""The pynetdicom 3.0 internals dcbnode replaces, all in this module: how messages reach the socket.
+
+Two replacements, both installed process-wide at import (:func:`install`), both checked against
+pynetdicom 3.0.4 so that an incompatible pynetdicom fails the import (``ImportError``) instead of
+silently sending something else:
+
+1. **Pre-encoded data sets** (:class:`EncodedDataset`).  A C-GET / C-MOVE handler must yield a pydicom
+   ``Dataset`` per sub-operation (pynetdicom's QR service class counts anything else as failed), and
+   ``Association.send_c_store`` encodes it with ``pynetdicom.association.encode`` (pydicom's
+   ``write_dataset``).  pynetdicom's supported way to send pre-encoded bytes,
+   ``_config.STORE_SEND_CHUNKED_DATASET`` with ``send_c_store(path)``, applies only when the application
+   calls ``send_c_store`` itself with a file path, never to handler yields; the supported alternative,
+   re-parsing the rebuilt bytes into a pydicom Dataset, costs 5.5–7 ms per 512² CT instance, more than
+   the whole send.  So the ``encode`` that ``send_c_store`` looks up returns an :class:`EncodedDataset`'s
+   bytes and delegates everything else to pynetdicom's own ``encode``.
+
+2. **One socket write per DIMSE message** (:func:`pdata_pdus`, :class:`EncodedMessage`).  pynetdicom's
+   ``DIMSEServiceProvider.send_msg`` queues one P-DATA primitive per PDU, and its DUL thread handles one
+   queued primitive per loop iteration (state machine, PDU object, encode, ``socket.send``, events):
+   ≈ 140 µs of Python per PDU, 33 PDUs for a 512 KB instance at a 16 KiB maximum PDU, whatever the data.
+   Here ``send_msg`` still builds pynetdicom's DIMSE message (so ``EVT_DIMSE_SENT`` handlers, e.g.
+   :mod:`.associations`, see the same message as before) and encodes the command set with pynetdicom,
+   then lays out every P-DATA-TF PDU of the message with ``struct`` — one PDV per PDU, fragmented
+   exactly as pynetdicom does (PS3.8 9.3.5, E.2), so the bytes on the wire are unchanged — and queues
+   them as ONE primitive.  The DUL thread sends it with one ``socket.send`` through the same queue and
+   state machine transition (Evt9 → DT-1, or AR-7 during a release collision) as pynetdicom's own
+   P-DATA, so ordering with every other PDU and the state machine are untouched.  Not fired for these
+   PDUs: ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's only logs at DEBUG).
+   A message pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps pynetdicom's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pynetdicom
+import pynetdicom.association
+import pynetdicom.dimse
+import pynetdicom.dsutils
+import pynetdicom.fsm
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import P_DATA
+
+if TYPE_CHECKING:
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dul import DULServiceProvider
+
+__all__ = ["EncodedDataset", "EncodedMessage", "install", "pdata_pdus"]
+
+log = logging.getLogger("dcbnode.wire")
+
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type 0x04 (P-DATA-TF), reserved, PDU length
+_PDV_HEADER = struct.Struct(">LBB")  # PDV item length, presentation context ID, message control header
+_P_DATA_TF = 0x04
+_COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
+
+
+# -- 1. pre-encoded data sets --------------------------------------------------------------------------------
+
+
+class EncodedDataset(Dataset):
+    """An instance already encoded in ``transfer_syntax``, for ``send_c_store`` to send unchanged.
+
+    It holds only SOP Class/Instance UID and the file meta Transfer Syntax UID that pynetdicom reads to
+    pick the presentation context; ``encoded`` is ``None`` for an instance that must fail.
+    """
+
+    def __init__(
+        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, encoded: bytes | None, reason: str = ""
+    ) -> None:
+        super().__init__()
+        syntax = UID(transfer_syntax)
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = syntax
+        self.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian)
+        self._encoded = encoded
+        self._reason = reason
+
+    @property
+    def encoded(self) -> bytes | None:
+        """The dataset bytes, or ``None`` when this instance is a failure placeholder."""
+        return self._encoded
+
+    @property
+    def reason(self) -> str:
+        """Why the instance cannot be sent (placeholders only)."""
+        return self._reason
+
+    def encoded_as(self, is_implicit_vr: bool, is_little_endian: bool, deflated: bool) -> bytes | None:
+        """The bytes if they are in the requested encoding, else ``None`` (pynetdicom: encode failed)."""
+        syntax = UID(self.file_meta.TransferSyntaxUID)
+        if (is_implicit_vr, is_little_endian, deflated) != (
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            syntax.is_deflated,
+        ):
+            return None
+        return self._encoded
+
+
+_original_encode = pynetdicom.dsutils.encode
+
+
+def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
+    if isinstance(ds, EncodedDataset):
+        return ds.encoded_as(is_implicit_vr, is_little_endian, deflated)
+    return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
+# -- 2. one socket write per DIMSE message -------------------------------------------------------------------
+
+
+def pdata_pdus(context_id: int, command: bytes, dataset: bytes, max_pdu: int) -> bytes:
+    """Every P-DATA-TF PDU of one DIMSE message, encoded: the command set, then the data set (if any).
+
+    One PDV per PDU, each PDU's PDV list at most ``max_pdu`` bytes (the peer's Maximum Length; 0 = no
+    limit, one PDU each for command and data set), as pynetdicom's ``DIMSEMessage.encode_msg`` does.
+    """
+    if 0 < max_pdu < 8:
+        raise ValueError(f"maximum PDU length {max_pdu} leaves no room for a PDV")
+    parts: list[bytes | memoryview] = []
+    for data, control in ((command, _COMMAND), (dataset, 0)):
+        size = max_pdu - 6 if max_pdu else len(data)
+        view = memoryview(data)
+        for offset in range(0, len(data), size or 1):
+            fragment = view[offset : offset + size]
+            last = _LAST if offset + size >= len(data) else 0
+            parts.append(_PDU_HEADER.pack(_P_DATA_TF, 0, len(fragment) + 6))
+            parts.append(_PDV_HEADER.pack(len(fragment) + 2, context_id, control | last))
+            parts.append(fragment)
+    return b"".join(parts)
+
+
+class EncodedMessage(P_DATA):
+    """A P-DATA request carrying all the encoded P-DATA-TF PDUs of one DIMSE message.
+
+    A ``P_DATA`` so that pynetdicom's DUL routes it like its own (Evt9); its PDV list stays empty, the
+    bytes are in ``pdus``.
+    """
+
+    def __init__(self, pdus: bytes) -> None:
+        super().__init__()
+        self.pdus = pdus
+
+
+_original_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """``DIMSEServiceProvider.send_msg``, queueing the whole message as one :class:`EncodedMessage`."""
+    if getattr(primitive, "_dataset_path", None) is not None:  # streamed from a file by pynetdicom
+        _original_send_msg(self, primitive, context_id)
+        return
+    if primitive.MessageIDBeingRespondedTo is None:
+        message = pynetdicom.dimse._RQ_TO_MESSAGE[primitive.__class__]()
+    else:
+        message = pynetdicom.dimse._RSP_TO_MESSAGE[primitive.__class__]()
+    message.primitive_to_message(primitive)
+    message.context_id = context_id
+    evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    command = _original_encode(message.command_set, True, True)  # PS3.7 6.3.1: Implicit VR LE
+    dataset = message.data_set.getvalue() if message.data_set is not None else b""
+    self.dul.send_pdu(EncodedMessage(pdata_pdus(context_id, command, dataset, self.maximum_pdu_size)))
+
+
+def _sending_encoded(
+    action: Callable[[DULServiceProvider], str], next_state: str
+) -> Callable[[DULServiceProvider], str]:
+    """A state machine action sending a queued P-DATA: :class:`EncodedMessage` bytes as they are, any
+    other P-DATA through pynetdicom's ``action``."""
+
+    def send(dul: DULServiceProvider) -> str:
+        # Only this (the DUL) thread takes from the queue, so its head is the primitive the action is for.
+        primitive = dul.to_provider_queue.queue[0]
+        if not isinstance(primitive, EncodedMessage):
+            return action(dul)
+        dul.to_provider_queue.get(False)
+        if dul.socket is not None:
+            dul.socket.send(primitive.pdus)  # on failure it queues Evt17 (connection closed), like _send
+        else:
+            log.warning("attempted to send a DIMSE message over a closed connection")
+        return next_state
+
+    send.dcbnode_wrapped = action  # type: ignore[attr-defined]
+    return send
+
+
+#: The pynetdicom 3.0.4 state machine actions that take a P-DATA off the queue and send it.
+_PDATA_ACTIONS = ("DT-1", "AR-7")
+
+
+def _check() -> None:
+    """Raise ``ImportError`` unless pynetdicom works the way the replacements above assume."""
+    problems = []
+    send_c_store = pynetdicom.association.Association.send_c_store.__code__
+    if pynetdicom.association.encode not in (_original_encode, _encode) or "encode" not in send_c_store.co_names:
+        problems.append("Association.send_c_store does not encode through pynetdicom.association.encode")
+    send_msg = _original_send_msg.__code__
+    if not {"encode_msg", "send_pdu", "primitive_to_message"} <= set(send_msg.co_names) or not hasattr(
+        pynetdicom.dimse, "_RQ_TO_MESSAGE"
+    ):
+        problems.append("DIMSEServiceProvider.send_msg does not queue encode_msg's P-DATA primitives")
+    for name in _PDATA_ACTIONS:
+        function = pynetdicom.fsm.ACTIONS.get(name, ("", None, ""))[1]
+        function = getattr(function, "dcbnode_wrapped", function)
+        names = getattr(getattr(function, "__code__", None), "co_names", ())
+        if not {"to_provider_queue", "_send", "P_DATA_TF"} <= set(names):
+            problems.append(f"state machine action {name} does not send a queued P-DATA as a P-DATA-TF")
+    if problems:
+        raise ImportError(
+            f"pynetdicom {pynetdicom.__version__}: {'; '.join(problems)}. dcbnode.net.wire was "
+            "checked against pynetdicom 3.0.4 and needs updating"
+        )
+
+
+def install() -> None:
+    """Install both replacements (idempotent); ``ImportError`` if this pynetdicom is not like 3.0.4."""
+    _check()
+    pynetdicom.association.encode = _encode
+    pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+    for name in _PDATA_ACTIONS:
+        description, function, next_state = pynetdicom.fsm.ACTIONS[name]
+        if not hasattr(function, "dcbnode_wrapped"):
+            pynetdicom.fsm.ACTIONS[name] = (description, _sending_encoded(function, next_state), next_state)
+
+
+install()
