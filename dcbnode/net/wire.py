@@ -1,6 +1,6 @@
 """The pynetdicom 3.0 internals dcbnode replaces, all in this module: how messages reach the socket.
 
-Two replacements, both installed process-wide at import (:func:`install`), both checked against
+Three replacements, all installed process-wide at import (:func:`install`), all checked against
 pynetdicom 3.0.4 so that an incompatible pynetdicom fails the import (``ImportError``) instead of
 silently sending something else:
 
@@ -27,13 +27,28 @@ silently sending something else:
    P-DATA, so ordering with every other PDU and the state machine are untouched.  Not fired for these
    PDUs: ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's only logs at DEBUG).
    A message pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps pynetdicom's path.
+   The command set is laid out with ``struct`` too (:func:`encode_command`, same bytes as pynetdicom's
+   pydicom-based encoding, which costs ≈ 1.4 ms per message); pydicom builds the message object only
+   when ``EVT_DIMSE_SENT`` has handlers.
+
+3. **The DUL thread's idle wait** (:class:`_DulTime`).  With nothing to do, pynetdicom's DUL loop
+   sleeps ``_run_loop_delay`` (1 ms) before it looks at the socket and its queue again: up to 1 ms
+   before a queued message is sent and another before the peer's reply is read, for every C-STORE of
+   a retrieve.  In a DUL thread the ``sleep`` pynetdicom.dul calls waits instead, at most as long, for
+   the peer's data or for :func:`_send_msg` to queue a message (an eventfd), so the loop runs again at
+   once.  Anywhere else (and where eventfd or the socket is unavailable) it is ``time.sleep``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import select
 import struct
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -43,6 +58,7 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dsutils
+import pynetdicom.dul
 import pynetdicom.fsm
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -238,6 +254,9 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
     data = dataset.getvalue() if dataset is not None else b""
     self.dul.send_pdu(EncodedMessage(pdata_pdus(context_id, command, data, self.maximum_pdu_size)))
+    wakeup = getattr(self.dul, "dcbnode_wakeup", None)
+    if wakeup is not None:
+        os.eventfd_write(wakeup, 1)
 
 
 def _sending_encoded(
@@ -261,6 +280,46 @@ def _sending_encoded(
     send.dcbnode_wrapped = action  # type: ignore[attr-defined]
     return send
 
+
+# -- 3. the DUL thread's idle wait --------------------------------------------------------------------------
+
+
+def _wakeup_fd(dul: DULServiceProvider) -> int:
+    """The eventfd :func:`_send_msg` signals after queueing for ``dul``; closed with the DUL object."""
+    fd = getattr(dul, "dcbnode_wakeup", None)
+    if fd is None:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(dul, os.close, fd)
+        dul.dcbnode_wakeup = fd  # type: ignore[attr-defined]
+    return fd
+
+
+class _DulTime:
+    """What the name ``time`` means inside ``pynetdicom.dul``: the ``time`` module, but for ``sleep``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        """In a DUL thread: wait up to ``seconds`` for the peer's data or a queued message; else sleep."""
+        dul = threading.current_thread()
+        connection = getattr(getattr(dul, "socket", None), "socket", None)
+        if not isinstance(dul, pynetdicom.dul.DULServiceProvider) or connection is None or not _HAS_EVENTFD:
+            time.sleep(seconds)
+            return
+        wakeup = _wakeup_fd(dul)
+        try:
+            readable, _, _ = select.select([connection, wakeup], [], [], seconds)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom notices on its next look
+            time.sleep(seconds)
+            return
+        if wakeup in readable:
+            os.eventfd_read(wakeup)
+
+
+_HAS_EVENTFD = hasattr(os, "eventfd")
+_DUL_TIME = _DulTime()
 
 #: The pynetdicom 3.0.4 state machine actions that take a P-DATA off the queue and send it.
 _PDATA_ACTIONS = ("DT-1", "AR-7")
@@ -288,6 +347,11 @@ def _check() -> None:
         names = getattr(getattr(function, "__code__", None), "co_names", ())
         if not {"to_provider_queue", "_send", "P_DATA_TF"} <= set(names):
             problems.append(f"state machine action {name} does not send a queued P-DATA as a P-DATA-TF")
+    run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor.__code__
+    if pynetdicom.dul.time not in (time, _DUL_TIME) or not {"time", "sleep", "_run_loop_delay"} <= set(
+        run_reactor.co_names
+    ):
+        problems.append("the DUL reactor does not idle with time.sleep(_run_loop_delay)")
     if problems:
         raise ImportError(
             f"pynetdicom {pynetdicom.__version__}: {'; '.join(problems)}. dcbnode.net.wire was "
@@ -300,6 +364,7 @@ def install() -> None:
     _check()
     pynetdicom.association.encode = _encode
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+    pynetdicom.dul.time = _DUL_TIME  # type: ignore[assignment]
     for name in _PDATA_ACTIONS:
         description, function, next_state = pynetdicom.fsm.ACTIONS[name]
         if not hasattr(function, "dcbnode_wrapped"):
