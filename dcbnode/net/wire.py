@@ -60,7 +60,9 @@ import pynetdicom.dimse_messages
 import pynetdicom.dsutils
 import pynetdicom.dul
 import pynetdicom.fsm
+from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import evt
@@ -83,6 +85,16 @@ _COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 # -- 1. pre-encoded data sets --------------------------------------------------------------------------------
 
 
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+
+
+@functools.cache
+def _file_meta(transfer_syntax: str) -> FileMetaDataset:
+    file_meta = FileMetaDataset()
+    file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    return file_meta
+
+
 class EncodedDataset(Dataset):
     """An instance already encoded in ``transfer_syntax``, for ``send_c_store`` to send unchanged.
 
@@ -94,11 +106,12 @@ class EncodedDataset(Dataset):
         self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, encoded: bytes | None, reason: str = ""
     ) -> None:
         super().__init__()
-        syntax = UID(transfer_syntax)
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = syntax
+        # Built once per instance sent, so without pydicom's per-value validation (the UIDs come from
+        # the index) and with one shared, never modified, file meta per transfer syntax.
+        self[_SOP_CLASS_UID] = DataElement(_SOP_CLASS_UID, "UI", sop_class_uid, validation_mode=config.IGNORE)
+        self[_SOP_INSTANCE_UID] = DataElement(_SOP_INSTANCE_UID, "UI", sop_instance_uid, validation_mode=config.IGNORE)
+        self.file_meta = _file_meta(transfer_syntax)
+        syntax = self.file_meta.TransferSyntaxUID
         self.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian)
         self._encoded = encoded
         self._reason = reason
