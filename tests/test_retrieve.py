@@ -293,6 +293,15 @@ def test_get_patient_root_and_bad_identifiers(node: Node) -> None:
     assert responses[-1].Status == 0xA900
 
 
+def _assert_still_serving(node: Node) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert node.process.poll() is None
+
+
 def _pdata_pdus(pdus: list[Any]) -> Callable[[Any], None]:
     """EVT_PDU_RECV handler collecting the P-DATA-TF PDUs."""
 
@@ -354,12 +363,7 @@ def test_get_receiver_aborts_mid_message(node: Node) -> None:
     _, received = _get(node, _study_identifier(node.many_study), [ExplicitVRLittleEndian], max_pdu=4096,
                        handlers=[(evt.EVT_PDU_RECV, abort_mid_message)], dimse_timeout=2)  # ours: not woken
     assert not received and data_pdus >= 3
-    ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
-    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
-    assoc.release()
-    assert node.process.poll() is None
+    _assert_still_serving(node)
     ended = re.compile(r"association (aborted|dropped) from GETSCU@\S+ \(called \w+\) after (\d+\.\d+) s")
     assert wait_until(lambda: ended.search(node.log()[log_before:]) is not None, 10), node.log()[-3000:]
     assert float(ended.search(node.log()[log_before:])[2]) < 3  # the node did not wait out a timeout
@@ -457,12 +461,7 @@ def test_move_destination_aborts_midway(node: Node) -> None:
     assert final.NumberOfCompletedSuboperations + final.NumberOfFailedSuboperations == MANY
     assert len(final.FailedSOPInstanceUIDList) == final.NumberOfFailedSuboperations \
         if "FailedSOPInstanceUIDList" in final else True
-    ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
-    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
-    assoc.release()
-    assert node.process.poll() is None
+    _assert_still_serving(node)
 
 
 

@@ -18,18 +18,18 @@ silently sending something else:
    ``DIMSEServiceProvider.send_msg`` queues one P-DATA primitive per PDU, and its DUL thread handles one
    queued primitive per loop iteration (state machine, PDU object, encode, ``socket.send``, events):
    ≈ 140 µs of Python per PDU, 33 PDUs for a 512 KB instance at a 16 KiB maximum PDU, whatever the data.
-   Here ``send_msg`` still builds pynetdicom's DIMSE message (so ``EVT_DIMSE_SENT`` handlers, e.g.
-   :mod:`.associations`, see the same message as before) and encodes the command set with pynetdicom,
-   then lays out every P-DATA-TF PDU of the message with ``struct`` — one PDV per PDU, fragmented
-   exactly as pynetdicom does (PS3.8 9.3.5, E.2), so the bytes on the wire are unchanged — and queues
-   them as ONE primitive.  The DUL thread sends it with one ``socket.send`` through the same queue and
-   state machine transition (Evt9 → DT-1, or AR-7 during a release collision) as pynetdicom's own
-   P-DATA, so ordering with every other PDU and the state machine are untouched.  Not fired for these
-   PDUs: ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's only logs at DEBUG).
-   A message pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps pynetdicom's path.
-   The command set is laid out with ``struct`` too (:func:`encode_command`, same bytes as pynetdicom's
-   pydicom-based encoding, which costs ≈ 1.4 ms per message); pydicom builds the message object only
-   when ``EVT_DIMSE_SENT`` has handlers.
+   Here ``send_msg`` lays out the command set itself (:func:`encode_command`: the same bytes as
+   pynetdicom's, which builds a pydicom Dataset and encodes it twice, ≈ 1.4 ms per message; values it
+   does not handle, e.g. an AT Offending Element, still go through pynetdicom), then every P-DATA-TF
+   PDU of the message with ``struct`` — one PDV per PDU, fragmented exactly as pynetdicom does (PS3.8
+   9.3.5, E.2), so the bytes on the wire are unchanged — and queues them as ONE primitive.  The DUL
+   thread sends it with one ``socket.send`` through the same queue and state machine transition (Evt9
+   → DT-1, or AR-7 during a release collision) as pynetdicom's own P-DATA, so ordering with every
+   other PDU and the state machine are untouched.  ``EVT_DIMSE_SENT`` handlers (e.g.
+   :mod:`.associations`) get the message pynetdicom would have built, its command set decoded from the
+   bytes sent; it is built only when such a handler is bound.  Not fired for these PDUs:
+   ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's own only log at DEBUG).  A message
+   pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps pynetdicom's path.
 
 3. **The DUL thread's idle wait** (:class:`_DulTime`).  With nothing to do, pynetdicom's DUL loop
    sleeps ``_run_loop_delay`` (1 ms) before it looks at the socket and its queue again: up to 1 ms
@@ -354,6 +354,10 @@ def _check() -> None:
         hasattr(pynetdicom.dimse_messages, name) for name in ("_COMMAND_SET_KEYWORDS", "_DATASET_KEYWORDS")
     ):
         problems.append("DIMSEMessage is not built the way _sent_message builds one")
+    if {action for (event, _), action in pynetdicom.fsm.TRANSITION_TABLE.items() if event == "Evt9"} != set(
+        _PDATA_ACTIONS
+    ):
+        problems.append(f"a queued P-DATA (Evt9) is not always sent by one of {_PDATA_ACTIONS}")
     for name in _PDATA_ACTIONS:
         function = pynetdicom.fsm.ACTIONS.get(name, ("", None, ""))[1]
         function = getattr(function, "dcbnode_wrapped", function)
