@@ -21,7 +21,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dcbnode.net.wire import _sent_message, encode_command, pdata_pdus
+from dcbnode.net.wire import _sent_message, command_elements, encode_command, pdata_pdus
 
 
 def _message_class(primitive: Any) -> type:
@@ -112,14 +112,21 @@ def test_command_sets_are_pynetdicoms() -> None:
         message_class = _message_class(primitive)
         keyword = _DATASET_KEYWORDS.get(message_class.__name__)
         dataset = getattr(primitive, keyword) if keyword else None
-        command = encode_command(primitive, message_class, dataset is not None)
+        elements = command_elements(primitive, message_class, dataset is not None)
         expected = _pynetdicom_command(primitive)
-        if command is None:  # left to pynetdicom: AT values, non-ASCII text
+        if elements is None:  # left to pynetdicom: AT values, non-ASCII text
             comment = getattr(primitive, "ErrorComment", None) or ""
             assert getattr(primitive, "OffendingElement", None) is not None or not comment.isascii()
             continue
         encoded += 1
-        assert command == expected, (message_class.__name__, seed)
-        # what EVT_DIMSE_SENT handlers see re-encodes to the same bytes
-        assert encode(_sent_message(message_class, 1, command, dataset).command_set, True, True) == expected
+        assert encode_command(elements) == expected, (message_class.__name__, seed)
+        # what EVT_DIMSE_SENT handlers see re-encodes to the same bytes, and reads as pynetdicom's message
+        sent = _sent_message(message_class, 1, elements, dataset).command_set
+        assert encode(sent, True, True) == expected
+        reference = _message_class(primitive)()
+        reference.primitive_to_message(primitive)
+        # (values read as a receiver decodes them: text without its trailing padding)
+        assert [(e.tag, str(e.value).rstrip()) for e in sent] == [
+            (e.tag, str(e.value).rstrip()) for e in reference.command_set
+        ]
     assert encoded > 250

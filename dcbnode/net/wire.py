@@ -18,7 +18,7 @@ silently sending something else:
    ``DIMSEServiceProvider.send_msg`` queues one P-DATA primitive per PDU, and its DUL thread handles one
    queued primitive per loop iteration (state machine, PDU object, encode, ``socket.send``, events):
    ≈ 140 µs of Python per PDU, 33 PDUs for a 512 KB instance at a 16 KiB maximum PDU, whatever the data.
-   Here ``send_msg`` lays out the command set itself (:func:`encode_command`: the same bytes as
+   Here ``send_msg`` lays out the command set itself (:func:`command_elements`: the same bytes as
    pynetdicom's, which builds a pydicom Dataset and encodes it twice, ≈ 1.4 ms per message; values it
    does not handle, e.g. an AT Offending Element, still go through pynetdicom), then every P-DATA-TF
    PDU of the message with ``struct`` — one PDV per PDU, fragmented exactly as pynetdicom does (PS3.8
@@ -26,10 +26,11 @@ silently sending something else:
    thread sends it with one ``socket.send`` through the same queue and state machine transition (Evt9
    → DT-1, or AR-7 during a release collision) as pynetdicom's own P-DATA, so ordering with every
    other PDU and the state machine are untouched.  ``EVT_DIMSE_SENT`` handlers (e.g.
-   :mod:`.associations`) get the message pynetdicom would have built, its command set decoded from the
-   bytes sent; it is built only when such a handler is bound.  Not fired for these PDUs:
-   ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's own only log at DEBUG).  A message
-   pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps pynetdicom's path.
+   :mod:`.associations`) get the message pynetdicom would have built, its command set made of the
+   elements sent (converted by pydicom when read); it is built only when such a handler is bound.
+   Not fired for these PDUs: ``EVT_PDU_SENT`` (no handler of dcbnode's uses it; pynetdicom's own only
+   log at DEBUG).  A message pynetdicom streams from a file (``STORE_SEND_CHUNKED_DATASET``) keeps
+   pynetdicom's path.
 
 3. **The DUL thread's idle wait** (:class:`_DulTime`).  With nothing to do, pynetdicom's DUL loop
    sleeps ``_run_loop_delay`` (1 ms) before it looks at the socket and its queue again: up to 1 ms
@@ -62,8 +63,9 @@ import pynetdicom.dul
 import pynetdicom.fsm
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
@@ -72,7 +74,15 @@ if TYPE_CHECKING:
     from pynetdicom.dimse import DIMSEServiceProvider
     from pynetdicom.dul import DULServiceProvider
 
-__all__ = ["EncodedDataset", "EncodedMessage", "encode_command", "install", "pdata_pdus"]
+__all__ = [
+    "CommandElements",
+    "EncodedDataset",
+    "EncodedMessage",
+    "command_elements",
+    "encode_command",
+    "install",
+    "pdata_pdus",
+]
 
 log = logging.getLogger("dcbnode.wire")
 
@@ -184,7 +194,6 @@ class EncodedMessage(P_DATA):
 
 
 _original_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
-_original_decode = pynetdicom.dsutils.decode
 _COMMAND_FIELDS = {kind: value for value, (_, kind) in pynetdicom.dimse_messages._MESSAGE_TYPES.items()}
 _TEXT_PADDING = {"UI": b"\0", "AE": b" ", "LO": b" "}
 
@@ -197,14 +206,19 @@ def _command_elements(message_class: type) -> tuple[tuple[str, int, str], ...]:
     return tuple(sorted(elements, key=lambda element: element[1]))
 
 
-def encode_command(primitive: Any, message_class: type, has_dataset: bool) -> bytes | None:
-    """The command set (Implicit VR LE) pynetdicom would send for ``primitive`` as ``message_class``.
+#: A command set as laid out here: (tag, VR, encoded value) per element, Command Group Length first.
+CommandElements = list[tuple[int, str, bytes]]
 
-    The same bytes as pynetdicom's ``primitive_to_message`` then ``encode`` (which build a pydicom Dataset
-    and encode it twice, ≈ 1.4 ms per message), laid out with ``struct``.  ``None`` when a value is not
-    one this encoder handles (e.g. an AT Offending Element, non-ASCII text): pynetdicom encodes those.
+
+def command_elements(primitive: Any, message_class: type, has_dataset: bool) -> CommandElements | None:
+    """The command set pynetdicom would send for ``primitive`` as ``message_class``, element by element.
+
+    The same elements and values as pynetdicom's ``primitive_to_message`` (which builds a pydicom
+    Dataset, and encodes it twice with ``encode``: ≈ 1.4 ms per message), laid out with ``struct``.
+    ``None`` when a value is not one handled here (e.g. an AT Offending Element, non-ASCII text):
+    pynetdicom encodes those.
     """
-    body = []
+    elements: CommandElements = []
     for keyword, tag, vr in _command_elements(message_class):
         if keyword == "CommandField":
             value: Any = _COMMAND_FIELDS[message_class]
@@ -225,19 +239,31 @@ def encode_command(primitive: Any, message_class: type, has_dataset: bool) -> by
             encoded += _TEXT_PADDING[vr] * (len(encoded) % 2)
         else:
             return None
-        body.append(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(encoded)) + encoded)
-    encoded_body = b"".join(body)
-    return struct.pack("<HHII", 0, 0, 4, len(encoded_body)) + encoded_body
+        elements.append((tag, vr, encoded))
+    group_length = sum(8 + len(value) for _, _, value in elements)
+    return [(0x00000000, "UL", struct.pack("<I", group_length)), *elements]
 
 
-def _sent_message(message_class: type, context_id: int, command: bytes, dataset: BytesIO | None) -> Any:
-    """The DIMSE message ``EVT_DIMSE_SENT`` handlers get: what ``primitive_to_message`` would have built,
-    its command set decoded (lazily, by pydicom) from the bytes sent.  ``__init__`` is skipped: it only
-    builds an empty pydicom command set, the costly part, to be replaced at once."""
+def encode_command(elements: CommandElements) -> bytes:
+    """The command set's bytes: Implicit VR Little Endian (PS3.7 6.3.1)."""
+    return b"".join(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value for tag, _, value in elements)
+
+
+def _sent_message(message_class: type, context_id: int, elements: CommandElements, dataset: BytesIO | None) -> Any:
+    """The DIMSE message ``EVT_DIMSE_SENT`` handlers get: what ``primitive_to_message`` would have built.
+
+    Its command set holds the elements sent as raw elements (pydicom converts a value when it is read);
+    ``__init__`` is skipped: it only builds an empty pydicom command set, to be replaced at once.
+    """
     message = message_class.__new__(message_class)
     message.context_id = context_id
     message.encoded_command_set = BytesIO()
-    message.command_set = _original_decode(BytesIO(command), True, True)
+    message.command_set = Dataset(
+        {
+            BaseTag(tag): RawDataElement(BaseTag(tag), vr, len(value), value, 0, True, True, True, False)
+            for tag, vr, value in elements
+        }
+    )
     message.data_set = dataset if message_class.__name__ in pynetdicom.dimse_messages._DATASET_KEYWORDS else BytesIO()
     message._data_set_path = None
     message._data_set_file = None
@@ -255,16 +281,18 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         message_class = pynetdicom.dimse._RSP_TO_MESSAGE[primitive.__class__]
     keyword = pynetdicom.dimse_messages._DATASET_KEYWORDS.get(message_class.__name__)
     dataset: BytesIO | None = getattr(primitive, keyword) if keyword else None
-    command = encode_command(primitive, message_class, dataset is not None)
-    if command is None:
+    elements = command_elements(primitive, message_class, dataset is not None)
+    if elements is None:
         message = message_class()
         message.primitive_to_message(primitive)
         message.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         command = _original_encode(message.command_set, True, True)  # PS3.7 6.3.1: Implicit VR LE
-    elif self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-        message = _sent_message(message_class, context_id, command, dataset)
-        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    else:
+        command = encode_command(elements)
+        if self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            message = _sent_message(message_class, context_id, elements, dataset)
+            evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
     data = dataset.getvalue() if dataset is not None else b""
     self.dul.send_pdu(EncodedMessage(pdata_pdus(context_id, command, data, self.maximum_pdu_size)))
     wakeup = getattr(self.dul, "dcbnode_wakeup", None)
