@@ -34,7 +34,7 @@ _HTJ2K_OUTPUTS = (HTJ2KLossless, HTJ2K)
 _REPLACED_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012,
                             0x00020013})
 
-Buffer = bytes | memoryview  #: part of a rebuilt instance, joined into its bytes once at the end
+_Buffer = bytes | memoryview  #: part of a rebuilt instance, joined into its bytes once at the end
 FrameSource = Callable[[int], bytes]
 
 
@@ -152,7 +152,7 @@ def _uid_value(uid: str) -> bytes:
     return _even(uid.encode("ascii"), b"\0")  # UIDs are padded with NUL (PS3.5 9.1)
 
 
-def _encode(header: bytes, pixel_element: Sequence[Buffer], suffix: bytes, syntax: UID) -> bytes:
+def _encode(header: bytes, pixel_element: Sequence[_Buffer], suffix: bytes, syntax: UID) -> bytes:
     """Join the parts (the pixel data element comes in pieces: the whole instance is copied once);
     Implicit VR output re-encodes the header and suffix through pydicom."""
     if syntax != ImplicitVRLittleEndian:
@@ -199,7 +199,7 @@ def _even(data: bytes, pad: bytes = b"\0") -> bytes:
 
 
 def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource,
-                   planar: int | None) -> tuple[int, str, list[Buffer]]:
+                   planar: int | None) -> tuple[int, str, list[_Buffer]]:
     """Tag, VR and value of the native pixel data element.
 
     Pixels received native come back exactly as received (VR, padding and trailing bytes included);
@@ -214,14 +214,14 @@ def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource
     return image.pixel_tag, "OW" if image.bits_allocated > 8 else "OB", value + padding
 
 
-def _native_element(tag: int, vr: str, value: list[Buffer], syntax: UID) -> list[Buffer]:
+def _native_element(tag: int, vr: str, value: list[_Buffer], syntax: UID) -> list[_Buffer]:
     group, element, length = tag >> 16, tag & 0xFFFF, sum(len(part) for part in value)
     if syntax == ImplicitVRLittleEndian:
         return [struct.pack("<HHI", group, element, length), *value]
     return [struct.pack("<HH2sHI", group, element, vr.encode(), 0, length), *value]
 
 
-def _native_frame(image: ImageInfo, meta: InstanceMeta, data: bytes, planar: int, index: int) -> Buffer:
+def _native_frame(image: ImageInfo, meta: InstanceMeta, data: bytes, planar: int, index: int) -> _Buffer:
     codec = meta.frames[index].codec
     if codec == Codec.ZSTD:
         return zstd_decompress(data)  # the received bytes, in their planar configuration
