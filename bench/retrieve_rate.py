@@ -124,7 +124,6 @@ def htj2k_get_once(target: Target, keys: dict[str, str], expected: int, max_pdu:
         return 0x0000
 
     ae = AE(ae_title="HTJ2KSCU")
-    ae.maximum_pdu_size = max_pdu
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CT_IMAGE_STORAGE, [HTJ2KLossless])
     ae.add_requested_context(CT_IMAGE_STORAGE, [HTJ2K])
@@ -134,8 +133,9 @@ def htj2k_get_once(target: Target, keys: dict[str, str], expected: int, max_pdu:
     host, port, aet = target
     try:
         started = time.perf_counter()
+        # the maximum PDU a requestor advertises is associate()'s max_pdu (AE.maximum_pdu_size: acceptors only)
         assoc = ae.associate(host, port, ae_title=aet, ext_neg=[build_role(CT_IMAGE_STORAGE, scp_role=True)],
-                             evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+                             evt_handlers=[(evt.EVT_C_STORE, handle_store)], max_pdu=max_pdu)
         if not assoc.is_established:
             raise RuntimeError("HTJ2K C-GET: association not established")
         final = None

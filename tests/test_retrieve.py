@@ -4,6 +4,7 @@ and pixel by pixel with the files originally stored."""
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
@@ -33,7 +35,7 @@ from pynetdicom.sop_class import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import REPO, stop_node, write_config
+from conftest import REPO, stop_node, wait_until, write_config
 from faithful import element_differences, pixels_equal
 from peers import LOOPBACK, dcmtk_tool, free_port, run_dcmtk, run_getscu, storescp, wait_for_port
 
@@ -211,15 +213,23 @@ def _network_view(original: Dataset) -> Dataset:
 
 
 def _get(node: Node, identifier: Dataset, syntaxes: list[str], model: str = StudyRootQueryRetrieveInformationModelGet,
-         ) -> tuple[list[Dataset], list[Dataset]]:
-    """C-GET with pynetdicom proposing ``syntaxes`` with the SCP role; returns (responses, received)."""
+         *, max_pdu: int | None = None, handlers: list[tuple[Any, Callable[[Any], Any]]] | None = None,
+         raw: list[bytes] | None = None, dimse_timeout: float = 30) -> tuple[list[Dataset], list[Dataset]]:
+    """C-GET with pynetdicom proposing ``syntaxes`` with the SCP role; returns (responses, received).
+
+    ``max_pdu``: the maximum PDU length the SCU advertises (pynetdicom's default if None); ``handlers``:
+    more event handlers for the association; ``raw`` collects each received data set's bytes.
+    """
     received: list[Dataset] = []
 
     def handle(event: Any) -> int:
+        if raw is not None:
+            raw.append(event.encoded_dataset())
         received.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(event.encoded_dataset())))
         return 0x0000
 
     ae = AE(ae_title="GETSCU")
+    ae.dimse_timeout = dimse_timeout
     ae.add_requested_context(model)
     classes = sorted({ds.SOPClassUID for ds in node.originals.values()})
     for sop_class in classes:
@@ -227,7 +237,8 @@ def _get(node: Node, identifier: Dataset, syntaxes: list[str], model: str = Stud
             ae.add_requested_context(sop_class, syntax)
     roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
     assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, handle)])
+                         evt_handlers=[(evt.EVT_C_STORE, handle), *(handlers or [])],
+                         **({} if max_pdu is None else {"max_pdu": max_pdu}))
     assert assoc.is_established
     try:
         responses = [status for status, _ in assoc.send_c_get(identifier, model)]
@@ -280,6 +291,85 @@ def test_get_patient_root_and_bad_identifiers(node: Node) -> None:
     patient_level.PatientID = ct.PatientID
     responses, _ = _get(node, patient_level, [ExplicitVRLittleEndian])  # PATIENT is not in Study Root
     assert responses[-1].Status == 0xA900
+
+
+def _assert_still_serving(node: Node) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert node.process.poll() is None
+
+
+def _pdata_pdus(pdus: list[Any]) -> Callable[[Any], None]:
+    """EVT_PDU_RECV handler collecting the P-DATA-TF PDUs."""
+
+    def collect(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            pdus.append(event.pdu)
+
+    return collect
+
+
+@pytest.mark.parametrize("syntax", [HTJ2KLossless, ExplicitVRLittleEndian])
+def test_get_fragments_to_the_receivers_max_pdu(node: Node, syntax: str) -> None:
+    """dcbnode lays out the P-DATA-TF PDUs itself (dcbnode.net.wire): every PDU within the maximum length
+    the receiver advertised, one PDV each, command then data set, last fragments flagged; the data sets
+    reassemble to the same bytes whatever the PDU size, and are faithful to the originals."""
+    uids = list(_uids(HTJ2K_FILES, node))
+    by_size: dict[int, list[bytes]] = {}
+    for max_pdu in (4096, 16384, 0):
+        pdus: list[Any] = []
+        raw: list[bytes] = []
+        responses, received = _get(node, _image_identifier(uids), [syntax], max_pdu=max_pdu,
+                                   handlers=[(evt.EVT_PDU_RECV, _pdata_pdus(pdus))], raw=raw)
+        assert responses[-1].Status == 0x0000 and len(received) == len(uids), responses[-1]
+        _check_faithful(received, node, HTJ2K_FILES, syntax)
+        by_size[max_pdu] = sorted(raw)
+        headers = []
+        for pdu in pdus:
+            assert len(pdu.presentation_data_value_items) == 1
+            item = pdu.presentation_data_value_items[0]
+            assert max_pdu == 0 or len(item.presentation_data_value) + 4 <= max_pdu
+            headers.append(item.presentation_data_value[0])
+        # per message: command fragments (bit 0 set) ending with the last one (0x03), then any data set
+        # fragments ending with 0x02 (C-STOREs have one, the C-GET responses none)
+        flags = "".join({1: "c", 3: "C", 0: "d", 2: "D"}[h] for h in headers)
+        assert re.fullmatch(r"(c*C(d*D)?)+", flags), flags
+        assert flags.count("C") == 2 * len(uids) + 1 and flags.count("D") == len(uids), flags
+        if max_pdu == 4096:
+            assert flags.count("d") >= len(uids)  # every instance needs more than one 4 KiB PDU
+        elif max_pdu == 0:
+            assert len(pdus) == 3 * len(uids) + 1  # one PDU per command set and per data set
+    assert by_size[4096] == by_size[16384] == by_size[0]
+    # the per-operation log line (dcbnode.net.associations, from EVT_DIMSE_SENT) still sees every response
+    done = f"C-GET from GETSCU: status 0x0000, completed {len(uids)}, failed 0, warning 0"
+    assert wait_until(lambda: node.log().count(done) >= 3, 10), node.log()[-3000:]
+
+
+def test_get_receiver_aborts_mid_message(node: Node) -> None:
+    """A receiver that aborts while a C-STORE's PDUs are still arriving: the node stops the C-GET without
+    waiting out a timeout, logs the abort, and keeps serving."""
+    data_pdus = 0
+
+    def abort_mid_message(event: Any) -> None:
+        nonlocal data_pdus
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        if not event.pdu.presentation_data_value_items[0].presentation_data_value[0] & 1:  # a data set fragment
+            data_pdus += 1
+            if data_pdus == 3:  # the first instance spans 8 data PDUs at 4096 bytes
+                threading.Thread(target=event.assoc.abort).start()
+
+    log_before = len(node.log())
+    _, received = _get(node, _study_identifier(node.many_study), [ExplicitVRLittleEndian], max_pdu=4096,
+                       handlers=[(evt.EVT_PDU_RECV, abort_mid_message)], dimse_timeout=2)  # ours: not woken
+    assert not received and data_pdus >= 3
+    _assert_still_serving(node)
+    ended = re.compile(r"association (aborted|dropped) from GETSCU@\S+ \(called \w+\) after (\d+\.\d+) s")
+    assert wait_until(lambda: ended.search(node.log()[log_before:]) is not None, 10), node.log()[-3000:]
+    assert float(ended.search(node.log()[log_before:])[2]) < 3  # the node did not wait out a timeout
 
 
 def test_get_dcmtk_getscu(node: Node, tmp_path: Path) -> None:
@@ -374,12 +464,7 @@ def test_move_destination_aborts_midway(node: Node) -> None:
     assert final.NumberOfCompletedSuboperations + final.NumberOfFailedSuboperations == MANY
     assert len(final.FailedSOPInstanceUIDList) == final.NumberOfFailedSuboperations \
         if "FailedSOPInstanceUIDList" in final else True
-    ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(LOOPBACK, node.port, ae_title=NODE_AET)
-    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
-    assoc.release()
-    assert node.process.poll() is None
+    _assert_still_serving(node)
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -37,6 +37,7 @@ from ..index.writer import (
     find_instance,
     indexed_generations,
     instance_location,
+    instance_locations,
     remove_instance,
     upsert_instance,
 )
@@ -240,12 +241,23 @@ class Archive:
 
     # -- retrieval -------------------------------------------------------------------------------------
 
+    def instance_locations(self, sop_instance_uids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """Where the indexed ones of ``sop_instance_uids`` are stored, for :meth:`open_instance` (one query)."""
+        with self.index.session() as session:
+            return instance_locations(session, sop_instance_uids)
+
     @contextmanager
-    def open_instance(self, sop_instance_uid: str) -> Iterator[StoredInstance]:
-        """The stored record of an instance, read and checked (raises KeyError if not indexed)."""
+    def open_instance(self, sop_instance_uid: str, location: tuple[str, int] | None = None
+                      ) -> Iterator[StoredInstance]:
+        """The stored record of an instance, read and checked (raises KeyError if not indexed).
+
+        ``location`` from :meth:`instance_locations` saves the index lookup; if compaction has moved the
+        record since, the index is asked again.
+        """
         for attempt in range(_REOPEN_ATTEMPTS):
-            with self.index.session() as session:
-                location = instance_location(session, sop_instance_uid)
+            if location is None or attempt:
+                with self.index.session() as session:
+                    location = instance_location(session, sop_instance_uid)
             if location is None:
                 raise KeyError(sop_instance_uid)
             relative, offset = location

@@ -155,10 +155,11 @@ def decode_frame(codec: str, data: bytes, image: ImageInfo, received_syntax: str
     return decode_with_pydicom(data, received_syntax, image, raw=not is_lossy_syntax(received_syntax))
 
 
-def native_frame_bytes(frame: np.ndarray, image: ImageInfo, planar: int) -> bytes:
-    """Native little-endian bytes of a decoded frame, in the requested planar configuration."""
+def native_frame_bytes(frame: np.ndarray, image: ImageInfo, planar: int) -> memoryview:
+    """Native little-endian bytes of a decoded frame, in the requested planar configuration (a byte view
+    of the array, not a copy: the rebuilt instance copies it once, into its own bytes)."""
     dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
     array = frame.astype(dtype, copy=False) if dtype is not None else frame
     if image.samples_per_pixel > 1 and planar == 1:
         array = array.transpose(2, 0, 1)
-    return np.ascontiguousarray(array).tobytes()
+    return memoryview(np.ascontiguousarray(array)).cast("B")

@@ -15,7 +15,7 @@ whose offsets no longer hold).  Output is deterministic.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
@@ -34,6 +34,7 @@ _HTJ2K_OUTPUTS = (HTJ2KLossless, HTJ2K)
 _REPLACED_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012,
                             0x00020013})
 
+_Buffer = bytes | memoryview  #: part of a rebuilt instance, joined into its bytes once at the end
 FrameSource = Callable[[int], bytes]
 
 
@@ -75,7 +76,7 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
         raise UnavailableSyntaxError(f"instance {meta.sop_instance_uid} cannot be rebuilt as {syntax}")
     image = meta.image
     if image is None:
-        dataset = _encode(blobs.header, b"", blobs.suffix, syntax)
+        dataset = _encode(blobs.header, (), blobs.suffix, syntax)
     elif syntax in _HTJ2K_OUTPUTS:
         header = _patch(blobs.header, meta, image.htj2k_photometric, 0)
         dataset = _encode(header, _encapsulated(image, b"", _each(frames, meta), None), blobs.suffix, syntax)
@@ -135,11 +136,12 @@ def _file_meta(meta: InstanceMeta, blobs: InstanceBlobs, syntax: UID) -> bytes:
     return file_meta_group(elements)
 
 
-def _encode(header: bytes, pixel_element: bytes, suffix: bytes, syntax: UID) -> bytes:
-    """Join the parts; Implicit VR output re-encodes the header and suffix through pydicom."""
+def _encode(header: bytes, pixel_element: Sequence[_Buffer], suffix: bytes, syntax: UID) -> bytes:
+    """Join the parts (the pixel data element comes in pieces: the whole instance is copied once);
+    Implicit VR output re-encodes the header and suffix through pydicom."""
     if syntax != ImplicitVRLittleEndian:
-        return b"".join((header, pixel_element, suffix))
-    return b"".join((encode_little_endian(parse_explicit_le(header), implicit_vr=True), pixel_element,
+        return b"".join((header, *pixel_element, suffix))
+    return b"".join((encode_little_endian(parse_explicit_le(header), implicit_vr=True), *pixel_element,
                      encode_little_endian(parse_explicit_le(suffix), implicit_vr=True) if suffix else b""))
 
 
@@ -147,7 +149,7 @@ def _encode(header: bytes, pixel_element: bytes, suffix: bytes, syntax: UID) -> 
 
 
 def _encapsulated(image: ImageInfo, basic_offsets: bytes, frames: Iterable[bytes],
-                  fragments: list[list[int]] | None) -> bytes:
+                  fragments: list[list[int]] | None) -> list[bytes]:
     """Encapsulated Pixel Data (PS3.5 A.4): the original fragments, or one even fragment per frame."""
     items: list[bytes] = []
     offsets: list[int] = []
@@ -164,7 +166,7 @@ def _encapsulated(image: ImageInfo, basic_offsets: bytes, frames: Iterable[bytes
             basic_offsets = b""
     table = [_ITEM, len(basic_offsets).to_bytes(4, "little"), basic_offsets]
     header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
-    return b"".join([header, *table, *items, _SEQUENCE_DELIMITER])
+    return [header, *table, *items, _SEQUENCE_DELIMITER]
 
 
 def _split(data: bytes, lengths: list[int]) -> list[bytes]:
@@ -177,7 +179,7 @@ def _split(data: bytes, lengths: list[int]) -> list[bytes]:
 
 
 def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource,
-                   planar: int | None) -> tuple[int, str, bytes]:
+                   planar: int | None) -> tuple[int, str, list[_Buffer]]:
     """Tag, VR and value of the native pixel data element.
 
     Pixels received native come back exactly as received (VR, padding and trailing bytes included);
@@ -185,20 +187,21 @@ def _native_pixels(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource
     """
     image = meta.image
     assert image is not None
-    value = b"".join(_native_frame(image, meta, frames(i), planar or 0, i) for i in range(len(meta.frames)))
+    value = [_native_frame(image, meta, frames(i), planar or 0, i) for i in range(len(meta.frames))]
     if image.source == PixelSource.NATIVE:
-        return image.pixel_tag, image.pixel_vr, value + blobs.native_tail
-    return image.pixel_tag, "OW" if image.bits_allocated > 8 else "OB", even(value)
+        return image.pixel_tag, image.pixel_vr, [*value, blobs.native_tail]
+    padding = [b"\0"] if sum(len(part) for part in value) % 2 else []
+    return image.pixel_tag, "OW" if image.bits_allocated > 8 else "OB", value + padding
 
 
-def _native_element(tag: int, vr: str, value: bytes, syntax: UID) -> bytes:
-    group, element = tag >> 16, tag & 0xFFFF
+def _native_element(tag: int, vr: str, value: list[_Buffer], syntax: UID) -> list[_Buffer]:
+    group, element, length = tag >> 16, tag & 0xFFFF, sum(len(part) for part in value)
     if syntax == ImplicitVRLittleEndian:
-        return struct.pack("<HHI", group, element, len(value)) + value
-    return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+        return [struct.pack("<HHI", group, element, length), *value]
+    return [struct.pack("<HH2sHI", group, element, vr.encode(), 0, length), *value]
 
 
-def _native_frame(image: ImageInfo, meta: InstanceMeta, data: bytes, planar: int, index: int) -> bytes:
+def _native_frame(image: ImageInfo, meta: InstanceMeta, data: bytes, planar: int, index: int) -> _Buffer:
     codec = meta.frames[index].codec
     if codec == Codec.ZSTD:
         return zstd_decompress(data)  # the received bytes, in their planar configuration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
@@ -114,6 +115,17 @@ def indexed_generations(connection: Connection, stem: str) -> list[str]:
     """
     rows = connection.execute(select(_VOLUMES.c.path).where(_VOLUMES.c.path.startswith(stem + ".", autoescape=True)))
     return [path for (path,) in rows]
+
+
+def instance_locations(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """(volume path, record offset) of each indexed instance among ``sop_instance_uids``, in one query
+    (callers keep the list short: it becomes an IN clause)."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, VolumeRow.path, Instance.record_offset)
+        .join(VolumeRow, Instance.volume_pk == VolumeRow.id)
+        .where(Instance.sop_instance_uid.in_(sop_instance_uids))
+    )
+    return {uid: (path, offset) for uid, path, offset in rows}
 
 
 def upsert_instance(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from pynetdicom import _config
+
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -24,7 +26,14 @@ def configure_logging(level: str) -> None:
 
 
 def set_level(level: str) -> None:
-    """Apply ``level`` to dcbnode and the matching level to pynetdicom."""
+    """Apply ``level`` to dcbnode and the matching level to pynetdicom.
+
+    Below DEBUG pynetdicom's standard event handlers (run for every PDU and DIMSE message even when its
+    logger drops their lines) are not bound to new associations at all: pynetdicom's documented setting
+    ``_config.LOG_HANDLER_LEVEL = "none"``.
+    """
     numeric = logging.getLevelName(level.upper())
     logging.getLogger().setLevel(numeric)
-    logging.getLogger("pynetdicom").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    debug = numeric <= logging.DEBUG
+    logging.getLogger("pynetdicom").setLevel(numeric if debug else logging.WARNING)
+    _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"

@@ -3,9 +3,8 @@
 Per instance the form is the first of :func:`~dcbnode.dcbs.available_syntaxes` (HTJ2K spliced without
 decoding, then the original lossy codestream, then Explicit, then Implicit VR Little Endian) that the peer
 accepted for its SOP class.  The rebuilt bytes go out as they are: an :class:`EncodedDataset` carries them
-through pynetdicom's C-STORE (``Association.send_c_store``) and :func:`install_encode_hook` makes
-pynetdicom's ``encode`` hand them over instead of re-encoding with pydicom.  Re-parsing the bytes into a
-pydicom dataset instead costs 2.5–3 ms per 512² CT instance, more than the HTJ2K rebuild itself.
+through pynetdicom's C-STORE (``Association.send_c_store``), which :mod:`.wire` makes hand them over
+instead of re-encoding with pydicom, and send each message with one socket write.
 
 An instance that cannot be sent (no accepted form, unreadable record, vanished peer) becomes an
 :class:`EncodedDataset` without bytes: pynetdicom's ``send_c_store`` then fails for it, which counts it
@@ -19,19 +18,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import pynetdicom
-import pynetdicom.association
-import pynetdicom.dsutils
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
 
 from ..archive import Archive
 from ..archive.retrieve import RetrieveMatch
 from ..dcbs import DcbsError, available_syntaxes, rebuild
+from .wire import EncodedDataset
 
-__all__ = ["MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax",
-           "install_encode_hook", "prepare", "prepared_instances", "storage_contexts"]
+__all__ = ["LOCATION_BATCH", "MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax", "prepare",
+           "prepared_instances", "storage_contexts"]
 
 log = logging.getLogger("dcbnode.retrieve")
 
@@ -41,91 +37,8 @@ MAX_CONTEXTS = 128
 #: 128-context limit forces a choice (Explicit VR LE first: every instance can be rebuilt in it).
 _PROPOSAL_ORDER = (ExplicitVRLittleEndian, HTJ2KLossless, None, ImplicitVRLittleEndian, HTJ2K)
 _BASE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, HTJ2KLossless, HTJ2K})
-
-
-class EncodedDataset(Dataset):
-    """An instance already encoded in ``transfer_syntax``, for ``send_c_store`` to send unchanged.
-
-    It holds only SOP Class/Instance UID and the file meta Transfer Syntax UID that pynetdicom reads to
-    pick the presentation context; ``encoded`` is ``None`` for an instance that must fail.
-    """
-
-    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                 encoded: bytes | None, reason: str = "") -> None:
-        super().__init__()
-        syntax = UID(transfer_syntax)
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = syntax
-        self.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian)
-        self._encoded = encoded
-        self._reason = reason
-
-    @property
-    def encoded(self) -> bytes | None:
-        """The dataset bytes, or ``None`` when this instance is a failure placeholder."""
-        return self._encoded
-
-    @property
-    def reason(self) -> str:
-        """Why the instance cannot be sent (placeholders only)."""
-        return self._reason
-
-    def encoded_as(self, is_implicit_vr: bool, is_little_endian: bool, deflated: bool) -> bytes | None:
-        """The bytes if they are in the requested encoding, else ``None`` (pynetdicom: encode failed)."""
-        syntax = UID(self.file_meta.TransferSyntaxUID)
-        if (is_implicit_vr, is_little_endian, deflated) != (syntax.is_implicit_VR, syntax.is_little_endian,
-                                                            syntax.is_deflated):
-            return None
-        return self._encoded
-
-
-# -- the one pynetdicom internal we rely on ----------------------------------------------------------------
-#
-# Why a hook: a C-GET / C-MOVE handler must yield a pydicom ``Dataset`` per sub-operation (pynetdicom's
-# QR service class counts anything else as failed: "Received invalid dataset from callback"), and
-# ``Association.send_c_store`` then encodes it with ``pynetdicom.association.encode`` (=
-# ``pynetdicom.dsutils.encode``, i.e. pydicom's ``write_dataset``).  pynetdicom's supported way to send
-# pre-encoded bytes, ``_config.STORE_SEND_CHUNKED_DATASET`` with ``send_c_store(path)``, only applies when
-# the application calls ``send_c_store`` itself with a file path, never to handler yields.  The supported
-# alternative, yielding the bytes re-parsed into a pydicom Dataset, costs ~5.5 ms (HTJ2K) to ~7 ms
-# (native) per 512² CT instance to re-parse and re-encode, more than the whole send (see
-# docs/performance.md, "Retrieve: C-GET rate and memory").  So the name ``send_c_store`` looks up is
-# replaced by a function that returns an :class:`EncodedDataset`'s bytes and delegates everything else
-# to pynetdicom's own ``encode``, unchanged.
-#
-# Checked against pynetdicom 3.0.4 (send_c_store: ``bytestream = encode(dataset, ...)``).  The import
-# of this module fails loudly (ImportError) if that is no longer how pynetdicom encodes a C-STORE data
-# set, instead of letting an EncodedDataset (which holds no elements but UIDs) be sent as an empty
-# instance.
-
-_original_encode = pynetdicom.dsutils.encode
-
-
-def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
-    if isinstance(ds, EncodedDataset):
-        return ds.encoded_as(is_implicit_vr, is_little_endian, deflated)
-    return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
-
-
-def install_encode_hook() -> None:
-    """Let ``Association.send_c_store`` send :class:`EncodedDataset` bytes unchanged (idempotent).
-
-    Every other dataset still goes through pynetdicom's own ``encode``.  Raises ``ImportError`` if this
-    pynetdicom does not encode C-STORE datasets through the module-level name
-    ``pynetdicom.association.encode`` (the hook would then silently not apply, and an EncodedDataset
-    must never reach pydicom's writer).
-    """
-    current = getattr(pynetdicom.association, "encode", None)
-    if current is _encode:
-        return
-    code = getattr(getattr(pynetdicom.association.Association, "send_c_store", None), "__code__", None)
-    if current is not _original_encode or code is None or "encode" not in code.co_names:
-        raise ImportError(f"pynetdicom {pynetdicom.__version__}: Association.send_c_store does not encode "
-                          "through pynetdicom.association.encode; dcbnode.net.transfer was checked against "
-                          "pynetdicom 3.0.4 and needs updating")
-    pynetdicom.association.encode = _encode
+#: Instances whose locations one index query asks for while rebuilding (kept well below SQL IN limits).
+LOCATION_BATCH = 64
 
 
 # -- choosing the form ------------------------------------------------------------------------------------
@@ -181,8 +94,12 @@ def choose_syntax(candidates: Sequence[UID], accepted: frozenset[str]) -> UID | 
 # -- rebuilding, one instance at a time --------------------------------------------------------------------
 
 
-def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, frozenset[str]]) -> EncodedDataset:
-    """Rebuild one instance in the best accepted form; never raises (failures become placeholders)."""
+def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, frozenset[str]],
+            location: tuple[str, int] | None = None) -> EncodedDataset:
+    """Rebuild one instance in the best accepted form; never raises (failures become placeholders).
+
+    ``location``: where the index said the instance is (:meth:`Archive.instance_locations`), if known.
+    """
     syntaxes = accepted.get(match.sop_class_uid, frozenset())
 
     def failed(reason: str) -> EncodedDataset:
@@ -192,7 +109,7 @@ def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, froze
     if not syntaxes:
         return failed(f"peer accepted no context for SOP class {match.sop_class_uid}")
     try:
-        with archive.open_instance(match.sop_instance_uid) as stored:
+        with archive.open_instance(match.sop_instance_uid, location) as stored:
             syntax = choose_syntax(available_syntaxes(stored.meta), syntaxes)
             if syntax is None:
                 return failed(f"no accepted transfer syntax among {sorted(syntaxes)}")
@@ -215,30 +132,44 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
     is gone) the remaining instances become placeholders without being read, and an instance rebuilt
     before is replaced by one: ``send_c_store`` fails a placeholder at once, before sending anything, so
     no sub-operation waits for a reply from a peer that has gone.
-    """
 
-    def one(match: RetrieveMatch) -> EncodedDataset:
+    The index is asked where the instances are :data:`LOCATION_BATCH` at a time (one query instead of one
+    per instance, ~1 ms each with SQLite); an instance deleted after its batch was looked up is still
+    sent while its record can be read.
+    """
+    locations: dict[str, tuple[str, int]] = {}
+    looked_up = 0  # matches[:looked_up] have had their locations asked for
+
+    def one(position: int, match: RetrieveMatch) -> EncodedDataset:
+        nonlocal looked_up
         if not alive():
             return EncodedDataset(match.sop_class_uid, match.sop_instance_uid, ExplicitVRLittleEndian, None,
                                   "association to the receiver ended")
-        return prepare(archive, match, accepted)
+        if position >= looked_up:
+            batch = matches[position:position + LOCATION_BATCH]
+            try:
+                locations.update(archive.instance_locations([m.sop_instance_uid for m in batch]))
+            except Exception:  # the per-instance lookup in prepare reports the problem
+                log.debug("batched location lookup failed", exc_info=True)
+            looked_up = position + len(batch)
+        return prepare(archive, match, accepted, locations.pop(match.sop_instance_uid, None))
 
     if lookahead <= 0:
-        yield from (one(match) for match in matches)
+        yield from (one(position, match) for position, match in enumerate(matches))
         return
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcbnode-rebuild")
     pending: deque[Future[EncodedDataset]] = deque()
-    remaining = iter(matches)
+    remaining = enumerate(matches)
     try:
-        for match in remaining:
-            pending.append(executor.submit(one, match))
+        for position, match in remaining:
+            pending.append(executor.submit(one, position, match))
             if len(pending) > lookahead:
                 break
         while pending:
             dataset = pending.popleft().result()
             following = next(remaining, None)
             if following is not None:
-                pending.append(executor.submit(one, following))
+                pending.append(executor.submit(one, *following))
             if dataset.encoded is not None and not alive():  # rebuilt ahead, receiver gone since
                 dataset = EncodedDataset(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian,
                                          None, "association to the receiver ended")
@@ -246,5 +177,3 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
-
-install_encode_hook()
