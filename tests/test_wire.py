@@ -130,3 +130,27 @@ def test_command_sets_are_pynetdicoms() -> None:
             (e.tag, str(e.value).rstrip()) for e in reference.command_set
         ]
     assert encoded > 250
+
+
+def test_a_paused_reactor_leaves_the_reply_to_the_waiting_sender(tmp_path: Path) -> None:
+    """``send_c_store`` pauses the association's reactor and then waits for its reply; the reactor's own
+    poll, which can still run once after the pause (pynetdicom sets ``_is_paused`` before it waits),
+    must not take that reply.  Here the poll is made exactly while paused, with a reply queued."""
+    from peers import pynetdicom_store_scp
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    with pynetdicom_store_scp(tmp_path) as scp:
+        ae = AE(ae_title="WIRETEST")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(scp.host, scp.port, ae_title=scp.aet)
+        assert assoc.is_established
+        try:
+            reply = (1, object())
+            assoc._reactor_checkpoint.clear()  # what send_*() does before sending
+            assoc.dimse.msg_queue.put(reply)
+            assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's poll
+            assert assoc.dimse.get_msg(block=True) is reply  # the waiting send_*()
+        finally:
+            assoc._reactor_checkpoint.set()
+            assoc.release()

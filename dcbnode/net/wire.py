@@ -1,6 +1,7 @@
-"""The pynetdicom 3.0 internals dcbnode replaces, all in this module: how messages reach the socket.
+"""The pynetdicom 3.0 internals dcbnode replaces, all in this module: how messages reach the socket, and
+how a reply reaches the call that waits for it.
 
-Three replacements, all installed process-wide at import (:func:`install`), all checked against
+Four replacements, all installed process-wide at import (:func:`install`), all checked against
 pynetdicom 3.0.4 so that an incompatible pynetdicom fails the import (``ImportError``) instead of
 silently sending something else:
 
@@ -38,6 +39,16 @@ silently sending something else:
    a retrieve.  In a DUL thread the ``sleep`` pynetdicom.dul calls waits instead, at most as long, for
    the peer's data or for :func:`_send_msg` to queue a message (an eventfd), so the loop runs again at
    once.  Anywhere else (and where eventfd or the socket is unavailable) it is ``time.sleep``.
+
+4. **A paused reactor takes no message** (:func:`_get_msg`).  ``send_c_store`` and the other
+   ``send_*()`` methods pause the association's reactor (clear ``_reactor_checkpoint``, wait for
+   ``_is_paused``) before sending, so that the reply reaches their own blocking ``get_msg``.  But the
+   reactor sets ``_is_paused`` at the top of every loop, *before* it waits on the checkpoint, so a
+   ``send_*()`` can see it still true from the previous loop while the reactor is already past the
+   wait and about to poll the queue: a fast reply is then taken by the reactor ("Received unexpected
+   C-STORE service message") and the ``send_*()`` waits out the DIMSE timeout — seen on C-MOVE
+   sub-associations to DCMTK's storescp once replies came back quickly.  The reactor's non-blocking poll
+   now takes nothing while the checkpoint is cleared, which is what the pause means.
 """
 
 from __future__ import annotations
@@ -366,6 +377,17 @@ _DUL_TIME = _DulTime()
 _PDATA_ACTIONS = ("DT-1", "AR-7")
 
 
+_original_get_msg = pynetdicom.dimse.DIMSEServiceProvider.get_msg
+
+
+def _get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
+    """pynetdicom's ``get_msg``, except that the reactor's poll (``block=False``) leaves the queue alone
+    while a ``send_*()`` call has paused the reactor to wait for its reply (see the module docstring)."""
+    if not block and not self._assoc._reactor_checkpoint.is_set():
+        return None, None
+    return _original_get_msg(self, block)
+
+
 def _check() -> None:
     """Raise ``ImportError`` unless pynetdicom works the way the replacements above assume."""
     problems = []
@@ -397,6 +419,12 @@ def _check() -> None:
         run_reactor.co_names
     ):
         problems.append("the DUL reactor does not idle with time.sleep(_run_loop_delay)")
+    run_assoc = pynetdicom.association.Association._run_reactor.__code__
+    get_msg = _original_get_msg.__code__
+    if not {"_reactor_checkpoint", "get_msg", "_is_paused"} <= set(run_assoc.co_names) or get_msg.co_varnames[
+        :2
+    ] != ("self", "block") or "msg_queue" not in get_msg.co_names:
+        problems.append("the association reactor does not poll dimse.get_msg(block=False) behind its checkpoint")
     if problems:
         raise ImportError(
             f"pynetdicom {pynetdicom.__version__}: {'; '.join(problems)}. dcbnode.net.wire was "
@@ -405,10 +433,11 @@ def _check() -> None:
 
 
 def install() -> None:
-    """Install both replacements (idempotent); ``ImportError`` if this pynetdicom is not like 3.0.4."""
+    """Install the replacements (idempotent); ``ImportError`` if this pynetdicom is not like 3.0.4."""
     _check()
     pynetdicom.association.encode = _encode
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+    pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
     pynetdicom.dul.time = _DUL_TIME  # type: ignore[assignment]
     for name in _PDATA_ACTIONS:
         description, function, next_state = pynetdicom.fsm.ACTIONS[name]
