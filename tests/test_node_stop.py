@@ -3,9 +3,12 @@ right after start-up, and in the middle of a C-STORE stream (acknowledged instan
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 from conftest import indexed_count, read_back, stop_node, wait_until
@@ -38,6 +41,23 @@ def test_sigterm_right_after_start_stops(running_node):
         assert code == 0
         assert seconds < IDLE_STOP_SECONDS
         _assert_clean_log(node)
+
+
+def test_no_thread_but_the_waiting_one_can_take_a_stop_signal(running_node):
+    """Every thread of the node blocks SIGTERM, SIGINT and SIGHUP, except the main thread waiting for them
+    in sigwait(): a signal delivered to any other thread (threads inherit the mask they start with;
+    numpy's OpenBLAS starts one at import) would kill the node with the default action (exit -15)."""
+    node = running_node()
+    pid = node.process.pid
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    threads = [tid for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert threads  # the server, association and library threads
+    for tid in threads:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        unblocked = {s.name for s in wanted if not blocked & (1 << (s - 1))}
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        assert not unblocked, f"thread {tid} ({name}) does not block {unblocked}"
 
 
 def test_sigterm_with_idle_probe_connections_stops_quickly(running_node):

@@ -118,18 +118,21 @@ def _reload(node: Node, config: Config, overrides: dict[str, object]) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load the configuration, recover the archive, serve until SIGTERM/SIGINT."""
-    overrides = _overrides(args)
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"dcbnode: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    from ..net.logging_setup import configure_logging
-
-    configure_logging(config.node.log_level)
     signals = _Signals()
-    signals.block()  # before any thread exists: a SIGTERM during recovery must still stop cleanly
+    # First of all, before any thread exists: threads inherit the signal mask, and importing the
+    # network code (pydicom → numpy) already starts OpenBLAS's thread, in which an unblocked SIGTERM
+    # would kill the process (exit -15) instead of stopping it cleanly, at any time, even mid-recovery.
+    signals.block()
     try:
+        overrides = _overrides(args)
+        try:
+            config = load_config(args.config, overrides)
+        except ConfigError as error:
+            print(f"dcbnode: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        from ..net.logging_setup import configure_logging
+
+        configure_logging(config.node.log_level)
         return _serve(config, overrides, signals)
     finally:
         signals.unblock()
