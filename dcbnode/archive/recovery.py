@@ -17,7 +17,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
-from ..dcbs import StoredInstance, Volume
+from ..dcbs import StoredInstance, Volume, live_instances
 from ..dcbs.dataset_split import parse_explicit_le
 from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import FILE_HEADER_SIZE, RecordKind, unpack_file_header
@@ -25,7 +25,14 @@ from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, fsync_directory
 from ..index.attributes import index_attributes
 from ..index.models import VolumeRow
-from ..index.writer import RecordPlacement, advance_indexed_end, clear_all, remove_instance, upsert_instance
+from ..index.writer import (
+    RecordPlacement,
+    advance_indexed_end,
+    clear_all,
+    instance_location,
+    remove_instance,
+    upsert_instance,
+)
 from .archive import VOLUMES_DIR, Archive, volume_generation
 
 log = logging.getLogger(__name__)
@@ -134,11 +141,39 @@ def reindex(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
     archive.level_cache.clear()
     files = volume_files(archive)
     for number, path in enumerate(files, 1):
-        _catch_up(archive, path, archive.index_path(path), FILE_HEADER_SIZE, report)
+        _reindex_volume(archive, path, archive.index_path(path), report)
         if progress:
             progress(number, len(files))
     report.volumes = len(files)
     return report
+
+
+def _reindex_volume(archive: Archive, path: Path, relative: str, report: RecoveryReport) -> None:
+    """Index the live records of one volume: the last record of each instance, unless a tombstone
+    follows it.
+
+    Not record by record as recovery does: a tombstone here deletes the copy in this volume only, and
+    the instance may live on in another series' volume indexed before this one.  An instance live in
+    two volumes (a crash between a cross-series replacement and its tombstone) keeps the copy in the
+    volume indexed last, and is reported.
+    """
+    size_before = path.stat().st_size
+    try:
+        with Volume.open(path, writable=True) as volume, archive.index.session() as session:
+            report.torn_bytes_cut += size_before - volume.size()  # a writable open cuts a torn tail
+            for number, (uid, stored) in enumerate(live_instances(volume).items(), 1):
+                elsewhere = instance_location(session, uid)
+                if elsewhere is not None and elsewhere[0] != relative:
+                    report.problems.append(f"{path}: instance {uid} is also live in {elsewhere[0]}; "
+                                           "the copy here is indexed")
+                _index_record(archive, session, stored, relative, report)
+                if number % _BATCH == 0:
+                    session.commit()
+            advance_indexed_end(session, relative, volume.size())
+    except Exception as exc:  # one damaged volume must not stop the others from being indexed
+        archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
+        report.problems.append(f"{path}: {exc}")
+        log.error("reindex of %s stopped: %s", path, exc)
 
 
 def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: RecoveryReport) -> None:
@@ -170,16 +205,25 @@ def _apply(archive: Archive, session: Session, volume: Volume, relative: str, en
         return
     if entry.header.kind == RecordKind.TOMBSTONE:
         _, block = volume.read_meta(entry.location.offset)
-        if remove_instance(session, unpack_tombstone(block)["sop_instance_uid"]):
+        uid = unpack_tombstone(block)["sop_instance_uid"]
+        # A tombstone deletes the copy in its own volume only: under "replace", a copy filed under
+        # another series took the instance over, and the old series' volume got the tombstone.
+        location = instance_location(session, uid)
+        if location is not None and location[0] == relative and remove_instance(session, uid):
             report.instances_removed += 1
             archive.level_cache.clear()  # the series row may be gone with its last instance
         advance_indexed_end(session, relative, end)
         return
-    stored = StoredInstance.read(volume, entry.location.offset)
+    _index_record(archive, session, StoredInstance.read(volume, entry.location.offset), relative, report)
+
+
+def _index_record(archive: Archive, session: Session, stored: StoredInstance, relative: str,
+                  report: RecoveryReport) -> None:
+    """Point the index at ``stored`` (and advance its volume's ``indexed_end`` past it)."""
+    location = stored.location
     header = parse_explicit_le(stored.blobs.header)
-    placement = RecordPlacement(relative, entry.location.offset, entry.location.length,
-                                stored.meta.received_length, entry.location.length,
-                                stored.meta.received_syntax, _source_ae_title(stored))
+    placement = RecordPlacement(relative, location.offset, location.length, stored.meta.received_length,
+                                location.length, stored.meta.received_syntax, _source_ae_title(stored))
     upsert_instance(session, index_attributes(header), placement, archive.level_cache)
     report.instances_indexed += 1
 
