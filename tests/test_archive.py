@@ -229,3 +229,53 @@ def test_replacing_into_another_series_survives_recovery_and_reindex(tmp_path: P
         rebuilt = read(_retrieve(archive, moved.SOPInstanceUID))
         assert rebuilt.SeriesInstanceUID == moved.SeriesInstanceUID, rebuild_index.__name__
         archive.close()
+
+
+def _with_patient_name(data: bytes, name: str, series_uid: str | None = None) -> bytes:
+    dataset = read(data)
+    dataset.PatientName = name
+    if series_uid:
+        dataset.SeriesInstanceUID = series_uid
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_recovery_cuts_an_unacknowledged_duplicate(archive: Archive) -> None:
+    """keep_first: a second copy reached the volume, the store found the instance archived and was
+    cutting the record back when the process died.  Recovery keeps the archived (acknowledged) copy and
+    cuts the duplicate off, so neither a later reindex nor compaction can prefer it."""
+    first = _ct_copy()
+    archive.store(first)
+    path = archive.volume_file(volume_path_for(read(first).SeriesInstanceUID))
+    size = path.stat().st_size
+    with Volume.open(path, writable=True) as volume:  # the crash: durable, never indexed, never cut
+        append_instance(volume, encode_instance(_with_patient_name(first, "SOMEONE^ELSE")))
+    report = recover(archive)
+    assert (report.instances_indexed, report.problems) == (0, [])
+    assert report.duplicates_cut > 0 and path.stat().st_size == size
+    assert str(read(_retrieve(archive, read(first).SOPInstanceUID)).PatientName) == str(read(first).PatientName)
+    reindex(archive)
+    assert str(read(_retrieve(archive, read(first).SOPInstanceUID)).PatientName) == str(read(first).PatientName)
+
+
+def test_recovery_finishes_a_replacement_into_another_series(tmp_path: Path) -> None:
+    """replace: the new copy, filed under another series, reached its volume but the process died before
+    the index commit and the old copy's tombstone.  Recovery indexes the new copy and writes the
+    tombstone, so a reindex afterwards finds the instance in one place only."""
+    archive = Archive(tmp_path / "d", f"sqlite:///{tmp_path / 'd' / 'index.sqlite'}", duplicate_policy="replace")
+    first = _ct_copy()
+    archive.store(first)
+    replacement = _with_patient_name(first, "CORRECTED^NAME", series_uid=generate_uid())
+    encoded = encode_instance(replacement)
+    new_volume = archive.volume_file(volume_path_for(encoded.meta.series_instance_uid))
+    with Volume.open(new_volume, writable=True, create=True) as volume:  # the crash
+        append_instance(volume, encoded)
+    report = recover(archive)
+    assert report.problems == [] and report.instances_indexed == 1
+    for rebuild_index in (lambda a: None, reindex):
+        rebuild_index(archive)
+        rebuilt = read(_retrieve(archive, encoded.meta.sop_instance_uid))
+        assert str(rebuilt.PatientName) == "CORRECTED^NAME"
+    assert reindex(archive).problems == []  # not live in two volumes
+    archive.close()

@@ -168,7 +168,7 @@ class Archive:
             return result
         if _volume_stem(previous) != _volume_stem(volume_path_for(meta.series_instance_uid)):
             # replaced a copy filed under another series: delete it there
-            self._tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
+            self.tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
         return _with(result, StoreOutcome.REPLACED)
 
     def _known(self, sop_instance_uid: str) -> bool:
@@ -199,7 +199,9 @@ class Archive:
                     raise
         raise AssertionError("unreachable")
 
-    def _tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
+    def tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
+        """Delete the copy of an instance in the volume ``relative``, leaving the index alone (the instance
+        lives on in another volume)."""
         self._append(relative, lambda volume, _: append_tombstone(volume, sop_instance_uid, series_instance_uid))
 
     def _append(self, relative: str, action: Callable[[Volume, str], T]) -> T:

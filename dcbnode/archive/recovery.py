@@ -50,6 +50,8 @@ class RecoveryReport:
     torn_bytes_cut: int = 0
     instances_indexed: int = 0
     instances_removed: int = 0
+    #: bytes of unacknowledged duplicate records cut off the end of volumes
+    duplicates_cut: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -186,10 +188,24 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
     try:
         with Volume.open(path, writable=True) as volume, archive.index.session() as session:
             report.torn_bytes_cut += size_before - volume.size()  # a writable open cuts a torn tail
+            unacknowledged: int | None = None  # where a run of unacknowledged duplicates at the end begins
+            end = start
             for number, entry in enumerate(volume.walk_from(start), 1):
-                _apply(archive, session, volume, relative, entry, report)
+                end = entry.location.offset + entry.location.length
+                if _apply(archive, session, volume, relative, entry, report):
+                    if unacknowledged is not None:  # not at the end (another process appended since)
+                        report.problems.append(f"{path}: records from offset {unacknowledged} duplicate "
+                                               "archived instances and were never acknowledged; not indexed")
+                    unacknowledged = None
+                elif unacknowledged is None:
+                    unacknowledged = entry.location.offset
                 if number % _BATCH == 0:
                     session.commit()
+            if unacknowledged is not None and volume.cut_back(unacknowledged, end):
+                report.duplicates_cut += end - unacknowledged
+            elif unacknowledged is not None:
+                report.problems.append(f"{path}: records from offset {unacknowledged} duplicate archived "
+                                       "instances and were never acknowledged; not indexed")
     except Exception as exc:  # one damaged volume must not stop the others from being recovered
         archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
         report.problems.append(f"{path}: {exc}")
@@ -197,12 +213,13 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
 
 
 def _apply(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,
-           report: RecoveryReport) -> None:
+           report: RecoveryReport) -> bool:
+    """Bring the index up to date with one record; False (nothing done) for an unacknowledged duplicate."""
     end = entry.location.offset + entry.location.length
     if entry.header.kind == RecordKind.DICTIONARY:
         read_dictionary(volume, entry.location.offset)  # checked now: the records after it need it
         advance_indexed_end(session, relative, end)
-        return
+        return True
     if entry.header.kind == RecordKind.TOMBSTONE:
         _, block = volume.read_meta(entry.location.offset)
         uid = unpack_tombstone(block)["sop_instance_uid"]
@@ -213,8 +230,20 @@ def _apply(archive: Archive, session: Session, volume: Volume, relative: str, en
             report.instances_removed += 1
             archive.level_cache.clear()  # the series row may be gone with its last instance
         advance_indexed_end(session, relative, end)
-        return
-    _index_record(archive, session, StoredInstance.read(volume, entry.location.offset), relative, report)
+        return True
+    stored = StoredInstance.read(volume, entry.location.offset)
+    uid = stored.meta.sop_instance_uid
+    current = instance_location(session, uid)
+    if current is not None and archive.duplicate_policy != "replace":
+        # The store that wrote this record found the instance already archived and was cutting the record
+        # back (its status: duplicate) when the process ended.  The archived copy stays.
+        return False
+    if current is not None and current[0] != relative:
+        # A replacement filed under another series whose tombstone for the old copy was not written yet:
+        # write it first, so the old copy cannot come back in a reindex.
+        archive.tombstone(current[0], uid, stored.meta.series_instance_uid)
+    _index_record(archive, session, stored, relative, report)
+    return True
 
 
 def _index_record(archive: Archive, session: Session, stored: StoredInstance, relative: str,

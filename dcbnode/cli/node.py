@@ -151,8 +151,9 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url, duplicate_policy=node_cfg.duplicate_policy)
     try:
         report = recover(archive)
-        log.info("recovery: %d volume(s), %d torn byte(s) cut, %d instance(s) indexed, %d removed",
-                 report.volumes, report.torn_bytes_cut, report.instances_indexed, report.instances_removed)
+        log.info("recovery: %d volume(s), %d torn byte(s) cut, %d instance(s) indexed, %d removed, "
+                 "%d byte(s) of unacknowledged duplicates cut", report.volumes, report.torn_bytes_cut,
+                 report.instances_indexed, report.instances_removed, report.duplicates_cut)
         for problem in report.problems:
             log.error("recovery problem: %s", problem)
         if signals.stop_pending():

@@ -207,6 +207,15 @@ class Volume:
             location, _ = self._append_locked(header, meta, (), None)
             return RecordEntry(location, header)
 
+    def cut_back(self, offset: int, expected_end: int) -> bool:
+        """Cut the records from ``offset`` (a record boundary) to the end off the file, durably, but only
+        if the volume still ends at ``expected_end`` (nobody appended since the caller looked)."""
+        with self._locked_for_append():
+            if self._refresh_end() != expected_end:
+                return False
+            self._cut(offset)
+            return True
+
     # -- internals -------------------------------------------------------------------------------------
 
     def _locked(self) -> _VolumeLock:
