@@ -223,6 +223,42 @@ def test_compaction_carries_the_dictionary(tmp_path: Path) -> None:
         archive.close()
 
 
+def test_compaction_drops_a_deleted_instance_from_the_dictionary(tmp_path: Path) -> None:
+    """The dictionary is made from a volume's first instance.  Once that instance is deleted, compaction
+    makes the dictionary anew from the first live one and recompresses the records' metadata with it: the
+    deleted instance's header (patient data) must not survive.  Later appends use the new dictionary."""
+    from dcbnode.dcbs.dictionary import read_dictionary
+
+    archive = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}")
+    try:
+        series = generate_uid()
+        sources = [_ct_copy(series) for _ in range(3)]
+        uids = [archive.store(source).sop_instance_uid for source in sources]
+        path = archive.volume_file(volume_path_for(series))
+        with dcbs.Volume.open(path) as volume:
+            assert uids[0].encode() in read_dictionary(volume, FILE_HEADER_SIZE).content
+        assert archive.delete_instance(uids[0])
+        result = compact_volume(archive, path)
+        assert result is not None
+        new_path = archive.data_dir / result.new_volume
+        with dcbs.Volume.open(new_path) as volume:
+            dictionary = read_dictionary(volume, FILE_HEADER_SIZE)
+            assert uids[0].encode() not in dictionary.content
+            assert uids[1].encode() in dictionary.content
+            layouts = [(e.header.layout, e.header.dictionary_id) for e in volume.records()][1:]
+            assert layouts == [(MetaLayout.COMPACT, dictionary.id)] * 2
+        later = _ct_copy(series)
+        uids.append(archive.store(later).sop_instance_uid)
+        for uid, source in zip(uids[1:], [*sources[1:], later], strict=True):
+            with archive.open_instance(uid) as stored:
+                rebuilt = dcbs.rebuild(stored.meta, stored.blobs, stored.frame, HTJ2KLossless).part10()
+                assert element_differences(read(source), read(rebuilt)) == []
+                assert pixels_equal(read(source), read(rebuilt))
+        assert verify(archive).problems == []
+    finally:
+        archive.close()
+
+
 def _odd_identity(variant: str) -> bytes:
     """CT_small with unusual identity values, as Part-10 bytes."""
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))

@@ -35,8 +35,8 @@ from ..dcbs import (
     StoredInstance,
     Volume,
 )
-from ..dcbs.dictionary import read_dictionary
-from ..dcbs.format import RecordKind, pack_file_header
+from ..dcbs.dictionary import SharedDictionary, read_dictionary, replacement_dictionary
+from ..dcbs.format import RECORD_HEADER_SIZE, MetaLayout, RecordHeader, RecordKind, crc32, pack_file_header
 from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, RecordLocation, fsync_directory
 from ..index.models import Instance, VolumeRow
@@ -150,11 +150,16 @@ def _check_index_agrees(archive: Archive, path: str, live: dict[str, int]) -> No
 
 def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEntry], live: list[StoredInstance],
                       pause: Callable[[str], None] | None) -> dict[str, int]:
-    """Copy the dictionary records, then the live records, verbatim into ``target`` (same volume id).
-
-    Dictionaries come first so that every record finds the one it names before it; returns the new
+    """Write the dictionary, then the live records, into ``target`` (same volume id); returns the new
     offsets by UID.
+
+    Records are copied byte for byte, except when the instance the dictionary was made from is no longer
+    live: then the dictionary is made anew from the first live record, and the metadata of the records
+    that used the old one is recompressed with it (their frames are still copied as they are), so that
+    a deleted instance's header does not survive in the dictionary.
     """
+    live = sorted(live, key=lambda s: s.location.offset)
+    replacement = _replacement_dictionary(volume, dictionaries, live)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     offsets: dict[str, int] = {}
@@ -162,16 +167,24 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
         header = pack_file_header(volume.volume_id)
         os.write(fd, header)
         position = len(header)
-        for entry in dictionaries:
+        if replacement is not None:
+            old, new, block = replacement
+            position += _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block), new.id), block)
+        for entry in dictionaries if replacement is None else ():
             read_dictionary(volume, entry.location.offset)  # checked like every record copied
             _copy(volume, fd, entry.location)
             position += entry.location.length
-        for stored in sorted(live, key=lambda s: s.location.offset):
+        for stored in live:
             for _ in stored.iter_frames():  # never copy a damaged record into the new generation
                 pass
             offsets[stored.meta.sop_instance_uid] = position
-            _copy(volume, fd, stored.location)
-            position += stored.location.length
+            record_header, block = volume.read_meta(stored.location.offset)
+            if replacement is not None and record_header.layout == MetaLayout.COMPACT \
+                    and record_header.dictionary_id == old.id:
+                position += _recompressed(volume, fd, stored.location, record_header, old.decompress(block), new)
+            else:
+                _copy(volume, fd, stored.location)
+                position += stored.location.length
             if pause:
                 pause("copying")
         os.fsync(fd)
@@ -186,6 +199,45 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
             os.close(fd)
         temporary.unlink(missing_ok=True)
     return offsets
+
+
+def _replacement_dictionary(
+    volume: Volume, dictionaries: list[RecordEntry], live: list[StoredInstance]
+) -> tuple[SharedDictionary, SharedDictionary, bytes] | None:
+    """``(old, new, new's metadata block)`` when the volume's dictionary must be made anew from the first
+    live record (the one it was made from is gone); None to keep it."""
+    if len(dictionaries) != 1 or not live:
+        return None
+    old = read_dictionary(volume, dictionaries[0].location.offset)
+    record_header, block = volume.read_meta(live[0].location.offset)
+    if record_header.layout != MetaLayout.COMPACT or record_header.dictionary_id != old.id:
+        return None
+    content = old.decompress(block)
+    if content == old.content:  # the dictionary's own instance is still the first live one
+        return None
+    return (old, *replacement_dictionary(old, content))
+
+
+def _recompressed(volume: Volume, fd: int, location: RecordLocation, header: RecordHeader, content: bytes,
+                  dictionary: SharedDictionary) -> int:
+    """Write a COMPACT record with its metadata ``content`` compressed against ``dictionary`` and its frame
+    data copied from ``location``; returns the bytes written."""
+    block = dictionary.compress(content)
+    if dictionary.decompress(block) != content:  # never write metadata that would not read back
+        raise DcbsError(f"{volume.path}: recompressed metadata of the record at {location.offset} does not read back")
+    frames = header.payload_length - header.meta_length
+    written = _write_record(fd, RecordHeader(RecordKind.INSTANCE, len(block) + frames, len(block), crc32(block),
+                                             MetaLayout.COMPACT, dictionary.id), block)
+    _copy(volume, fd, RecordLocation(location.offset + RECORD_HEADER_SIZE + header.meta_length, frames))
+    return written + frames
+
+
+def _write_record(fd: int, header: RecordHeader, meta: bytes) -> int:
+    """Write a record header and its metadata block; returns the bytes written."""
+    data = memoryview(header.pack() + meta)
+    while data:
+        data = data[os.write(fd, data):]
+    return RECORD_HEADER_SIZE + len(meta)
 
 
 def _copy(volume: Volume, fd: int, location: RecordLocation) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import zstandard
 
 from .errors import CorruptRecordError
-from .format import RecordKind
+from .format import RecordKind, crc32
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -114,6 +114,14 @@ def codestream_header(codestream: bytes) -> bytes:
 def pack_dictionary(content: bytes, header: bytes) -> bytes:
     """Metadata block of a dictionary record: zstd of ``u32 len(content) | content | codestream header``."""
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(b"".join((_LENGTH.pack(len(content)), content, header)))
+
+
+def replacement_dictionary(old: SharedDictionary, content: bytes) -> tuple[SharedDictionary, bytes]:
+    """A dictionary made from ``content`` instead of ``old``'s, with the same codestream header (so that
+    ``htj2k-shared`` frames stay valid as they are), and its metadata block.  Compaction uses it when the
+    instance a dictionary was made from is gone: its header must not outlive its deletion."""
+    block = pack_dictionary(content, old.codestream_header)
+    return SharedDictionary(crc32(block), content, old.codestream_header), block
 
 
 def unpack_dictionary(block: bytes, dictionary_id: int) -> SharedDictionary:
