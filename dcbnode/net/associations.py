@@ -126,9 +126,11 @@ def _on_dimse_sent(event: Event) -> None:
 def _sub_operation_counts(command: object) -> str:
     if "NumberOfCompletedSuboperations" not in command:
         return ""
+    # A final response after a cancel or an abort may leave sub-operations never attempted.
+    remaining = command.get("NumberOfRemainingSuboperations") or 0
     return (f", completed {command.NumberOfCompletedSuboperations}, failed "
             f"{command.get('NumberOfFailedSuboperations', 0)}, warning "
-            f"{command.get('NumberOfWarningSuboperations', 0)}")
+            f"{command.get('NumberOfWarningSuboperations', 0)}" + (f", not attempted {remaining}" if remaining else ""))
 
 
 #: Notification handlers to bind on the server.
