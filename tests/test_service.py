@@ -298,6 +298,11 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = tmp_path / "dcbnode.service"
     unit.write_text(text, encoding="utf-8")
 
+    _assert_verified(analyze, unit)
+
+
+def _assert_verified(analyze: str, *units: Path) -> None:
+    """``systemd-analyze verify`` accepts the units without a word about them."""
     # Notes on what verify does and does not need (systemd 252):
     # - No running systemd (works in containers where PID 1 is not systemd)
     #   and no root.
@@ -307,7 +312,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     #   and CI images usually ship without man-db.
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C"}
     result = subprocess.run(
-        [analyze, "verify", "--man=no", str(unit)],
+        [analyze, "verify", "--man=no", *map(str, units)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -322,3 +327,21 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # the unit, so any such line is a failure.
     complaints = [line for line in output.splitlines() if "dcbnode" in line]
     assert complaints == [], output
+
+
+def test_compact_timer_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The nightly compaction (docs/deployment.md): a oneshot service running ``dcbnode-admin compact`` with
+    the node's configuration, as the node's user, and the timer that starts it."""
+    analyze = _systemd_analyze()
+    service = (REPO_ROOT / "systemd" / "dcbnode-compact.service").read_text(encoding="utf-8")
+    shipped = "ExecStart=/usr/local/bin/dcbnode-admin compact --config /etc/dcbnode/dcbnode.toml"
+    assert shipped in service.splitlines()
+    settings = _unit_settings(service)
+    for key, value in {"Type": "oneshot", "User": "dcbnode", "ReadWritePaths": "/var/lib/dcbnode"}.items():
+        assert settings.get(key) == [value], key
+    (tmp_path / "dcbnode-compact.service").write_text(
+        service.replace("ExecStart=/usr/local/bin/dcbnode-admin ", f"ExecStart={sys.executable} ", 1), encoding="utf-8")
+    timer = tmp_path / "dcbnode-compact.timer"
+    shutil.copyfile(REPO_ROOT / "systemd" / "dcbnode-compact.timer", timer)
+    assert _unit_settings(timer.read_text(encoding="utf-8"))["Persistent"] == ["true"]
+    _assert_verified(analyze, tmp_path / "dcbnode-compact.service", timer)
