@@ -279,3 +279,32 @@ def test_recovery_finishes_a_replacement_into_another_series(tmp_path: Path) -> 
         assert str(rebuilt.PatientName) == "CORRECTED^NAME"
     assert reindex(archive).problems == []  # not live in two volumes
     archive.close()
+
+
+def test_compaction_drops_a_copy_replaced_from_another_series(tmp_path: Path) -> None:
+    """replace: the process died between the new copy's index commit (in another series' volume) and the
+    tombstone for the old copy.  The index is right; compaction of the old volume drops the stale copy
+    instead of refusing, and a reindex afterwards finds the instance in one place."""
+    from dcbnode.archive.compaction import compact_volume
+    from dcbnode.archive.verification import verify
+
+    archive = Archive(tmp_path / "d", f"sqlite:///{tmp_path / 'd' / 'index.sqlite'}", duplicate_policy="replace")
+    first = _ct_copy(generate_uid())
+    kept = _ct_copy(read(first).SeriesInstanceUID)
+    archive.store(first)
+    archive.store(kept)
+    archive.tombstone = lambda *_: None  # the crash: the old copy's tombstone is never written
+    replacement = _with_patient_name(first, "CORRECTED^NAME", series_uid=generate_uid())
+    assert archive.store(replacement).outcome.value == "replaced"
+    del archive.tombstone
+    problems = verify(archive).problems
+    assert len(problems) == 1 and "stale copy" in problems[0] and "compact" in problems[0], problems
+    old_volume = archive.volume_file(volume_path_for(read(first).SeriesInstanceUID))
+    result = compact_volume(archive, old_volume)
+    assert result is not None and result.live_records == 1
+    assert verify(archive).problems == []
+    report = reindex(archive)
+    assert report.problems == []
+    assert str(read(_retrieve(archive, read(first).SOPInstanceUID)).PatientName) == "CORRECTED^NAME"
+    assert element_differences(read(kept), read(_retrieve(archive, read(kept).SOPInstanceUID))) == []
+    archive.close()

@@ -109,6 +109,7 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
                     stored = StoredInstance.read(volume, entry.location.offset)
                     live.pop(stored.meta.sop_instance_uid, None)
                     live[stored.meta.sop_instance_uid] = stored
+            _drop_copies_filed_elsewhere(archive, old_relative, live)
             size_before = volume.size()
             if len(live) == len(entries):
                 return None
@@ -137,6 +138,18 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
     archive.volumes.forget(path)
     return CompactResult(old_relative, new_relative, len(entries), len(live), size_before,
                          target.stat().st_size if live else 0)
+
+
+def _drop_copies_filed_elsewhere(archive: Archive, path: str, live: dict[str, StoredInstance]) -> None:
+    """Forget the live records of instances the index has in another volume: copies that a replacement
+    filed under another series superseded (a crash can come between the replacement's index commit and
+    the tombstone it writes here), or duplicates a crash kept from being cut back.  Batched: the
+    volume may hold thousands."""
+    uids = list(live)
+    for start in range(0, len(uids), 500):
+        for uid, (volume_path, _) in archive.instance_locations(uids[start : start + 500]).items():
+            if volume_path != path:
+                del live[uid]
 
 
 def _check_index_agrees(archive: Archive, path: str, live: dict[str, int]) -> None:

@@ -78,8 +78,10 @@ def verify(archive: Archive, progress: Progress | None = None) -> VerifyReport:
         rows = session.execute(select(Instance.sop_instance_uid, VolumeRow.path, Instance.record_offset)
                                .join(VolumeRow, Instance.volume)).all()
     indexed: set[tuple[str, str]] = set()
+    indexed_in: dict[str, str] = {}
     for uid, path, offset in rows:
         indexed.add((path, uid))
+        indexed_in[uid] = path
         if path not in volumes:
             report.problems.append(f"{archive.data_dir / path}: missing, but the index places instance {uid} in it")
             continue
@@ -91,7 +93,12 @@ def verify(archive: Archive, progress: Progress | None = None) -> VerifyReport:
             report.problems.append(f"{archive.data_dir / path} offset {offset}: indexed instance {uid} {where}")
     for path, (live, _) in volumes.items():
         for uid, offset in live.items():
-            if (path, uid) not in indexed:
+            if (path, uid) in indexed:
+                continue
+            if uid in indexed_in:  # a replacement elsewhere superseded it; compaction drops it
+                report.problems.append(f"{archive.data_dir / path} offset {offset}: stale copy of instance {uid}, "
+                                       f"which the index has in {indexed_in[uid]}; 'dcbnode-admin compact' removes it")
+            else:
                 report.problems.append(f"{archive.data_dir / path} offset {offset}: live instance {uid} is not indexed")
     return report
 
