@@ -64,10 +64,11 @@ def volume_generation(relative: str) -> int:
     return int(parts[1][1:]) if len(parts) == 3 and parts[1][:1] == "g" and parts[1][1:].isdigit() else 1
 
 
-def _volume_stem(relative: str) -> str:
-    """The path of a volume without its generation and extension: the same for all its generations."""
-    directory, _, name = relative.rpartition("/")
-    return f"{directory}/{name.split('.', 1)[0]}"
+def volume_stem(relative: str) -> str:
+    """The path (or name) of a volume without its generation and extension: the same for all its
+    generations."""
+    directory, slash, name = relative.rpartition("/")
+    return f"{directory}{slash}{name.split('.', 1)[0]}"
 
 
 class StoreOutcome(Enum):
@@ -157,16 +158,16 @@ class Archive:
         meta = encoded.meta
         result = StoreResult(StoreOutcome.STORED, meta.sop_instance_uid, meta.sop_class_uid,
                              meta.received_length, encoded.stored_length)
+        first_generation = volume_path_for(meta.series_instance_uid)
         try:
-            _, previous = self._append(volume_path_for(meta.series_instance_uid), lambda volume, relative:
-                                       append_instance(volume, encoded, lambda location: self._index(
-                                           encoded, relative, location, source_ae_title)))
+            _, previous = self._append(first_generation, lambda volume, relative: append_instance(
+                volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title)))
         except _DuplicateFound:  # a concurrent store of the same UID won the race
             return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax,
                               expected_sop_instance_uid=expected_sop_instance_uid)
         if previous is None:
             return result
-        if _volume_stem(previous) != _volume_stem(volume_path_for(meta.series_instance_uid)):
+        if volume_stem(previous) != volume_stem(first_generation):
             # replaced a copy filed under another series: delete it there
             self.tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
         return _with(result, StoreOutcome.REPLACED)
@@ -215,7 +216,7 @@ class Archive:
             except (VolumeReplacedError, VolumeNotFoundError):
                 self.volumes.forget(self.volume_file(current))
                 with self._generations_lock:
-                    self._generations.pop(_volume_stem(current), None)
+                    self._generations.pop(volume_stem(current), None)
                 if attempt == _REOPEN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
@@ -229,7 +230,7 @@ class Archive:
         means compaction replaced it since: it is looked up again rather than created; a path just
         read from the index (or a volume it does not know yet) is created if missing.
         """
-        stem = _volume_stem(relative)
+        stem = volume_stem(relative)
         with self._generations_lock:
             cached = self._generations.get(stem)
         if cached is not None:

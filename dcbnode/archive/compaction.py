@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,23 +40,16 @@ from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, RecordLocation, fsync_directory
 from ..index.models import Instance, VolumeRow
 from ..index.writer import volume_row
-from .archive import Archive
+from .archive import Archive, volume_generation, volume_stem
 from .recovery import resolve_generations, volume_files
 
-_GENERATION = re.compile(r"^(?P<stem>[0-9a-f]+)(?:\.g(?P<gen>\d+))?\.dcbs$")
 _COPY_CHUNK = 8 << 20
 
 
-def generation(path: Path) -> tuple[str, int] | None:
-    """``(stem, generation)`` of a volume file name (``<hash>.dcbs`` is generation 1), or None."""
-    match = _GENERATION.match(path.name)
-    return (match["stem"], int(match["gen"] or 1)) if match else None
-
-
 def _next_generation_path(path: Path) -> Path:
-    stem, current = generation(path) or (path.name.removesuffix(".dcbs"), 1)
-    taken = [g[1] for p in path.parent.glob(f"{stem}*.dcbs") if (g := generation(p)) and g[0] == stem]
-    return path.with_name(f"{stem}.g{max([current, *taken]) + 1}.dcbs")
+    stem = volume_stem(path.name)
+    taken = [volume_generation(p.name) for p in path.parent.glob(f"{stem}*.dcbs") if volume_stem(p.name) == stem]
+    return path.with_name(f"{stem}.g{max([volume_generation(path.name), *taken]) + 1}.dcbs")
 
 
 @dataclass
