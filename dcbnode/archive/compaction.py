@@ -33,10 +33,10 @@ from ..dcbs import (
     DcbsError,
     StoredInstance,
     Volume,
+    live_instances,
 )
 from ..dcbs.dictionary import SharedDictionary, read_dictionary, replacement_dictionary
 from ..dcbs.format import RECORD_HEADER_SIZE, MetaLayout, RecordHeader, RecordKind, crc32, pack_file_header
-from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, RecordLocation, fsync_directory
 from ..index.models import Instance, VolumeRow
 from ..index.writer import volume_row
@@ -65,19 +65,11 @@ class CompactResult:
 
 
 def dead_records(path: Path) -> tuple[int, int]:
-    """``(records, live records)`` of a volume, without reading frame data."""
+    """``(records, live records)`` of a volume, without reading frame data (dictionary records, shared by
+    the instance records and never dead while any is live, are not counted)."""
     with Volume.open(path) as volume:
-        by_uid: dict[str, int] = {}
-        records = 0
-        for entry in volume.records():
-            if entry.header.kind == RecordKind.DICTIONARY:
-                continue  # shared by the instance records, never dead while any is live
-            records += 1
-            if entry.header.kind == RecordKind.TOMBSTONE:
-                by_uid.pop(unpack_tombstone(volume.read_meta(entry.location.offset)[1])["sop_instance_uid"], None)
-            else:
-                by_uid[StoredInstance.read(volume, entry.location.offset).meta.sop_instance_uid] = entry.location.offset
-    return records, len(by_uid)
+        records = sum(1 for entry in volume.records() if entry.header.kind != RecordKind.DICTIONARY)
+        return records, len(live_instances(volume))
 
 
 def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None] | None = None) -> CompactResult | None:
@@ -93,14 +85,7 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
             entries = list(volume.records())
             dictionaries = [entry for entry in entries if entry.header.kind == RecordKind.DICTIONARY]
             entries = [entry for entry in entries if entry.header.kind != RecordKind.DICTIONARY]
-            live: dict[str, StoredInstance] = {}
-            for entry in entries:
-                if entry.header.kind == RecordKind.TOMBSTONE:
-                    live.pop(unpack_tombstone(volume.read_meta(entry.location.offset)[1])["sop_instance_uid"], None)
-                else:
-                    stored = StoredInstance.read(volume, entry.location.offset)
-                    live.pop(stored.meta.sop_instance_uid, None)
-                    live[stored.meta.sop_instance_uid] = stored
+            live = live_instances(volume)
             _drop_copies_filed_elsewhere(archive, old_relative, live)
             size_before = volume.size()
             if len(live) == len(entries):
