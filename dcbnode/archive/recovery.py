@@ -10,7 +10,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,22 @@ def reindex(archive: Archive, progress: Progress | None = None) -> RecoveryRepor
     return report
 
 
+@contextmanager
+def _indexing(archive: Archive, path: Path, report: RecoveryReport, what: str) -> Iterator[tuple[Volume, Session]]:
+    """The volume at ``path``, opened for writing (which cuts a torn tail, counted in ``report``), and an
+    index session committed at the end.  An error is reported and ends only this volume: one damaged
+    volume must not stop the others."""
+    size_before = path.stat().st_size
+    try:
+        with Volume.open(path, writable=True) as volume, archive.index.session() as session:
+            report.torn_bytes_cut += size_before - volume.size()
+            yield volume, session
+    except Exception as exc:
+        archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
+        report.problems.append(f"{path}: {exc}")
+        log.error("%s of %s stopped: %s", what, path, exc)
+
+
 def _reindex_volume(archive: Archive, path: Path, relative: str, report: RecoveryReport) -> None:
     """Index the live records of one volume: the last record of each instance, unless a tombstone
     follows it.
@@ -159,57 +176,48 @@ def _reindex_volume(archive: Archive, path: Path, relative: str, report: Recover
     two volumes (a crash between a cross-series replacement and its tombstone) keeps the copy in the
     volume indexed last, and is reported.
     """
-    size_before = path.stat().st_size
-    try:
-        with Volume.open(path, writable=True) as volume, archive.index.session() as session:
-            report.torn_bytes_cut += size_before - volume.size()  # a writable open cuts a torn tail
-            for number, (uid, stored) in enumerate(live_instances(volume).items(), 1):
-                elsewhere = instance_location(session, uid)
-                if elsewhere is not None and elsewhere[0] != relative:
-                    report.problems.append(f"{path}: instance {uid} is also live in {elsewhere[0]}; "
-                                           "the copy here is indexed")
-                _index_record(archive, session, stored, relative, report)
-                if number % _BATCH == 0:
-                    session.commit()
-            advance_indexed_end(session, relative, volume.size())
-    except Exception as exc:  # one damaged volume must not stop the others from being indexed
-        archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
-        report.problems.append(f"{path}: {exc}")
-        log.error("reindex of %s stopped: %s", path, exc)
+    with _indexing(archive, path, report, "reindex") as (volume, session):
+        for number, (uid, stored) in enumerate(live_instances(volume).items(), 1):
+            elsewhere = instance_location(session, uid)
+            if elsewhere is not None and elsewhere[0] != relative:
+                report.problems.append(f"{path}: instance {uid} is also live in {elsewhere[0]}; "
+                                       "the copy here is indexed")
+            _index_record(archive, session, stored, relative, report, exists=elsewhere is not None)
+            if number % _BATCH == 0:
+                session.commit()
+        advance_indexed_end(session, relative, volume.size())
 
 
 def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: RecoveryReport) -> None:
     """Index the records of one volume from ``start``, in transactions of at most ``_BATCH`` records.
 
     ``indexed_end`` advances in the same transactions, so a crash here loses no progress but the last
-    batch's, which the next recovery redoes.
+    batch's, which the next recovery redoes.  Unacknowledged duplicates at the end are cut off; others
+    are reported.
     """
-    size_before = path.stat().st_size
-    try:
-        with Volume.open(path, writable=True) as volume, archive.index.session() as session:
-            report.torn_bytes_cut += size_before - volume.size()  # a writable open cuts a torn tail
-            unacknowledged: int | None = None  # where a run of unacknowledged duplicates at the end begins
-            end = start
-            for number, entry in enumerate(volume.walk_from(start), 1):
-                end = entry.location.offset + entry.location.length
-                if _apply(archive, session, volume, relative, entry, report):
-                    if unacknowledged is not None:  # not at the end (another process appended since)
-                        report.problems.append(f"{path}: records from offset {unacknowledged} duplicate "
-                                               "archived instances and were never acknowledged; not indexed")
-                    unacknowledged = None
-                elif unacknowledged is None:
-                    unacknowledged = entry.location.offset
-                if number % _BATCH == 0:
-                    session.commit()
-            if unacknowledged is not None and volume.cut_back(unacknowledged, end):
+    with _indexing(archive, path, report, "recovery") as (volume, session):
+        unacknowledged: int | None = None  # where the current run of unacknowledged duplicates begins
+        end = start
+        for number, entry in enumerate(volume.walk_from(start), 1):
+            end = entry.location.offset + entry.location.length
+            if _apply(archive, session, volume, relative, entry, report):
+                if unacknowledged is not None:  # not at the end (another process appended since)
+                    _report_unacknowledged(report, path, unacknowledged)
+                unacknowledged = None
+            elif unacknowledged is None:
+                unacknowledged = entry.location.offset
+            if number % _BATCH == 0:
+                session.commit()
+        if unacknowledged is not None:
+            if volume.cut_back(unacknowledged, end):
                 report.duplicates_cut += end - unacknowledged
-            elif unacknowledged is not None:
-                report.problems.append(f"{path}: records from offset {unacknowledged} duplicate archived "
-                                       "instances and were never acknowledged; not indexed")
-    except Exception as exc:  # one damaged volume must not stop the others from being recovered
-        archive.level_cache.clear()  # keys cached in the rolled-back transaction must not be reused
-        report.problems.append(f"{path}: {exc}")
-        log.error("recovery of %s stopped: %s", path, exc)
+            else:
+                _report_unacknowledged(report, path, unacknowledged)
+
+
+def _report_unacknowledged(report: RecoveryReport, path: Path, offset: int) -> None:
+    report.problems.append(f"{path}: records from offset {offset} duplicate archived instances and were never "
+                           "acknowledged; not indexed")
 
 
 def _apply(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,
@@ -242,18 +250,19 @@ def _apply(archive: Archive, session: Session, volume: Volume, relative: str, en
         # A replacement filed under another series whose tombstone for the old copy was not written yet:
         # write it first, so the old copy cannot come back in a reindex.
         archive.tombstone(current[0], uid, stored.meta.series_instance_uid)
-    _index_record(archive, session, stored, relative, report)
+    _index_record(archive, session, stored, relative, report, exists=current is not None)
     return True
 
 
 def _index_record(archive: Archive, session: Session, stored: StoredInstance, relative: str,
-                  report: RecoveryReport) -> None:
-    """Point the index at ``stored`` (and advance its volume's ``indexed_end`` past it)."""
+                  report: RecoveryReport, *, exists: bool) -> None:
+    """Point the index at ``stored`` (and advance its volume's ``indexed_end`` past it); ``exists``: the
+    instance has an index row already (the caller just looked)."""
     location = stored.location
     header = parse_explicit_le(stored.blobs.header)
     placement = RecordPlacement(relative, location.offset, location.length, stored.meta.received_length,
                                 location.length, stored.meta.received_syntax, _source_ae_title(stored))
-    upsert_instance(session, index_attributes(header), placement, archive.level_cache)
+    upsert_instance(session, index_attributes(header), placement, archive.level_cache, exists=exists)
     report.instances_indexed += 1
 
 
