@@ -90,8 +90,8 @@ class LevelCache:
 # worked out once too.
 _INSTANCES = Instance.__table__
 _VOLUMES = VolumeRow.__table__
-_LOCATION = (select(_VOLUMES.c.path, _INSTANCES.c.record_offset)
-             .join(_VOLUMES, _INSTANCES.c.volume_pk == _VOLUMES.c.id)
+_LOCATED = _INSTANCES.join(_VOLUMES, _INSTANCES.c.volume_pk == _VOLUMES.c.id)
+_LOCATION = (select(_VOLUMES.c.path, _INSTANCES.c.record_offset).select_from(_LOCATED)
              .where(_INSTANCES.c.sop_instance_uid == bindparam("uid")))
 _INSERT_INSTANCE = insert(_INSTANCES)
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
@@ -120,10 +120,9 @@ def indexed_generations(connection: Connection, stem: str) -> list[str]:
 def instance_locations(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, tuple[str, int]]:
     """(volume path, record offset) of each indexed instance among ``sop_instance_uids``, in one query
     (callers keep the list short: it becomes an IN clause)."""
-    rows = session.execute(
-        select(Instance.sop_instance_uid, VolumeRow.path, Instance.record_offset)
-        .join(VolumeRow, Instance.volume_pk == VolumeRow.id)
-        .where(Instance.sop_instance_uid.in_(sop_instance_uids))
+    rows = session.connection().execute(
+        select(_INSTANCES.c.sop_instance_uid, _VOLUMES.c.path, _INSTANCES.c.record_offset).select_from(_LOCATED)
+        .where(_INSTANCES.c.sop_instance_uid.in_(sop_instance_uids))
     )
     return {uid: (path, offset) for uid, path, offset in rows}
 
