@@ -136,21 +136,27 @@ def explicit_elements(data: bytes, position: int = 0, *, group: int | None = Non
     Only for element runs without undefined lengths, such as the file meta group; stops at the end of
     ``data``, at a truncated element, or at the first element outside ``group`` when one is given.
     """
-    while position + 8 <= len(data):
-        group_number, element_number = struct.unpack_from("<HH", data, position)
-        if group is not None and group_number != group:
+    while (header := _element_header(data, position)) is not None:
+        tag, start, length = header
+        if group is not None and tag >> 16 != group:
             return
-        vr = data[position + 4 : position + 6].decode("latin-1")
-        if vr in _LONG_VRS:
-            if position + 12 > len(data):
-                return
-            (length,) = struct.unpack_from("<I", data, position + 8)
-            end = position + 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", data, position + 6)
-            end = position + 8 + length
-        yield (group_number << 16) | element_number, position, min(end, len(data))
+        end = start + length
+        yield tag, position, min(end, len(data))
         position = end
+
+
+def _element_header(data: bytes, position: int) -> tuple[int, int, int] | None:
+    """(tag, value start, value length) of the Explicit VR Little Endian element at ``position``, or None
+    when its header is cut short.  Delimiters (FFFE,xxxx), which carry no VR, read with their 4-byte
+    length's first bytes as the "VR": never a long one, so their tag is right."""
+    if position + 8 > len(data):
+        return None
+    group, element = struct.unpack_from("<HH", data, position)
+    if data[position + 4 : position + 6].decode("latin-1") in _LONG_VRS:
+        if position + 12 > len(data):
+            return None
+        return (group << 16) | element, position + 12, struct.unpack_from("<I", data, position + 8)[0]
+    return (group << 16) | element, position + 8, struct.unpack_from("<H", data, position + 6)[0]
 
 
 def _file_meta_end(data: bytes) -> int:
@@ -253,18 +259,10 @@ def header_identity(header: bytes) -> dict[str, object]:
 def _top_level_values(data: bytes, last: int) -> Iterator[tuple[int, bytes]]:
     """(tag, value) of the top-level Explicit VR LE elements up to tag ``last``; sequences are skipped."""
     position = 0
-    while position + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, position)
-        tag = (group << 16) | element
+    while (header := _element_header(data, position)) is not None:
+        tag, start, length = header
         if tag > last:
             return
-        vr = data[position + 4 : position + 6]
-        if vr.decode("latin-1") in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, position + 8)
-            start = position + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, position + 6)
-            start = position + 8
         if length == 0xFFFFFFFF:
             position = _skip_undefined(data, start)
             continue
@@ -289,16 +287,10 @@ def _skip_undefined(data: bytes, position: int) -> int:
 
 def _skip_item(data: bytes, position: int) -> int:
     """Position after the Item Delimitation Item closing an undefined-length item at ``position``."""
-    while position + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, position)
-        if (group, element) == (0xFFFE, 0xE00D):  # item delimitation
+    while (header := _element_header(data, position)) is not None:
+        tag, start, length = header
+        if tag == 0xFFFEE00D:  # item delimitation
             return position + 8
-        if data[position + 4 : position + 6].decode("latin-1") in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, position + 8)
-            start = position + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, position + 6)
-            start = position + 8
         position = _skip_undefined(data, start) if length == 0xFFFFFFFF else start + length
     raise ValueError("item runs past the header")
 
