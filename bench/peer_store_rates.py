@@ -154,14 +154,16 @@ TARGETS: dict[str, Any] = {
 def run_benchmark(
     targets: Mapping[str, TargetFactory], files: Sequence[Path], *, repeats: int = 3
 ) -> list[dict[str, Any]]:
-    """Measure every target; return result rows (see ``bench._benchlib.summarize``)."""
-    rows = []
-    for name, factory in targets.items():
-        seconds: list[float] = []
-        measure_store_rate(factory, files, repeats=repeats, seconds_out=seconds)
-        rows.append(summarize(name, [len(files) / s for s in seconds], seconds))
-        print(f"  {name}: {rows[-1]['median_per_s']:.1f} instances/s", flush=True)
-    return rows
+    """Measure every target ``repeats`` times, round-robin: each round runs every target once, so that a
+    machine whose speed drifts (VMs do, by 2× within minutes) weighs on all targets alike, and the runs of
+    one round can be compared pairwise.  Returns result rows (see ``bench._benchlib.summarize``)."""
+    seconds: dict[str, list[float]] = {name: [] for name in targets}
+    for round_number in range(1, repeats + 1):
+        for name, factory in targets.items():
+            seconds[name].append(store_once(factory, files))
+        print(f"  round {round_number}: " + ", ".join(f"{name} {len(files) / runs[-1]:.1f}/s"
+                                                   for name, runs in seconds.items()), flush=True)
+    return [summarize(name, [len(files) / s for s in runs], runs) for name, runs in seconds.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,9 @@ DUPLICATE_STATUS: Final[Mapping[str, int]] = MappingProxyType(
 )
 DUPLICATE_POLICIES: Final[tuple[str, ...]] = tuple(DUPLICATE_STATUS)
 LOG_LEVELS: Final[tuple[str, ...]] = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: "deferred": acknowledge with the frames stored uncompressed, compress the series once it goes quiet;
+#: "inline": compress before acknowledging (see docs/configuration.md).
+COMPRESSION_MODES: Final[tuple[str, ...]] = ("deferred", "inline")
 #: Used only when no configuration file is given (development, tests).
 DEFAULT_DATA_DIR: Final[Path] = Path("dcbnode-data")
 
@@ -116,6 +119,8 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     duplicate_policy: str = "keep_first"
+    compression: str = "deferred"
+    compression_delay: float = 10.0
     log_level: str = "INFO"
 
     @property
@@ -310,15 +315,14 @@ def _database_url(value: object, key: str) -> str:
     from sqlalchemy.engine import make_url  # lazy: only needed for non-default URLs
     from sqlalchemy.exc import ArgumentError
 
+    hint = '; use "" for the built-in SQLite index, "sqlite:////abs/path.sqlite" or "postgresql+psycopg://user:pw@host/db"'
     try:
-        make_url(text)
+        backend = make_url(text).get_backend_name()
     except (ArgumentError, ValueError):
         # Never echo the value: it may contain a password.
-        raise ConfigError(
-            key,
-            'is not a valid database URL; use "" for the built-in SQLite index, '
-            '"sqlite:////abs/path.sqlite" or "postgresql+psycopg://user:pw@host/db"',
-        ) from None
+        raise ConfigError(key, "is not a valid database URL" + hint) from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(key, f"{backend} is not supported (SQLite and PostgreSQL are)" + hint)
     return text
 
 
@@ -357,6 +361,8 @@ _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "dimse_timeout": _timeout,
     "network_timeout": _timeout,
     "duplicate_policy": _choice(DUPLICATE_POLICIES),
+    "compression": _choice(COMPRESSION_MODES),
+    "compression_delay": _timeout,
     "log_level": _choice(LOG_LEVELS, upper=True),
 }
 _ACCESS_SCHEMA: Final[Mapping[str, _Validator]] = {

@@ -222,6 +222,9 @@ NODE_ERRORS = [
         "postgresql+psycopg://",
     ),
     ("database_url = 1", "node.database_url", "must be a string"),
+    ('database_url = "mysql://u:p@db/dcb"', "node.database_url", "mysql is not supported", "SQLite and PostgreSQL"),
+    ('compression = "lazy"', "node.compression", '"deferred", "inline"', "lazy"),
+    ("compression_delay = 0", "node.compression_delay", "positive number of seconds"),
     ("prot = 104", "node.prot", "unknown key", "check the spelling", "port"),
 ]
 

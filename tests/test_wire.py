@@ -1,27 +1,36 @@
 """dcbnode.net.wire lays out DIMSE messages itself: the bytes must be exactly pynetdicom's.
 
 The network behaviour (fragmentation at the receiver's maximum PDU, a receiver aborting mid-message) is
-tested end to end in test_retrieve.py; here the encoders are compared with pynetdicom's own.
+tested end to end in test_retrieve.py; here the encoders are compared with pynetdicom's own.  The
+association reactor's wait for a received message (instead of pynetdicom's 1 ms sleep), and reading a PDU
+in large pieces (instead of 4 KiB ones), are tested here.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pynetdicom.dimse
 import pytest
+from pynetdicom.association import Association
 from pynetdicom.dimse_messages import _DATASET_KEYWORDS
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dcbnode.net.wire import _sent_message, command_elements, encode_command, pdata_pdus
+from conftest import wait_until
+from pynetdicom.transport import AssociationSocket
+
+from dcbnode.net.wire import _await_message, _sent_message, command_elements, encode_command, pdata_pdus
 
 
 def _message_class(primitive: Any) -> type:
@@ -154,3 +163,155 @@ def test_a_paused_reactor_leaves_the_reply_to_the_waiting_sender(tmp_path: Path)
         finally:
             assoc._reactor_checkpoint.set()
             assoc.release()
+
+
+# -- the association reactor waits for a message instead of sleeping ----------------------------------------
+
+
+def _waiters(assoc: Association) -> int:
+    """How many threads wait on ``assoc``'s DIMSE queue for a message."""
+    return len(assoc.dimse.msg_queue.not_empty._waiters)  # type: ignore[attr-defined]
+
+
+def test_the_reactor_of_an_scp_waits_on_its_message_queue(tmp_path: Path) -> None:
+    """An SCP association's reactor, between its polls, waits on the DIMSE queue that the DUL thread puts
+    each received message on (pynetdicom's sleeps 1 ms, and nothing waits there); C-STOREs still work."""
+    from peers import pynetdicom_store_scp
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    with pynetdicom_store_scp(tmp_path) as scp:
+        ae = AE(ae_title="WIRETEST")
+        ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+        assoc = ae.associate(scp.host, scp.port, ae_title=scp.aet)
+        assert assoc.is_established
+        try:
+            acceptors = [t for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor]
+            assert len(acceptors) == 1
+            assert wait_until(lambda: _waiters(acceptors[0]) == 1, timeout=5)
+            for n in range(3):
+                ds = Dataset()
+                ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, generate_uid(), f"P{n}"
+                ds.file_meta = FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+                assert assoc.send_c_store(ds).Status == 0x0000
+            assert len(scp.received) == 3
+            assert wait_until(lambda: _waiters(acceptors[0]) == 1, timeout=5)
+        finally:
+            assoc.release()
+
+
+def _association() -> Association:
+    """A real (unstarted) association: its DIMSE queue and reactor checkpoint as pynetdicom makes them."""
+    from pynetdicom import AE
+
+    return Association(AE(), "requestor")
+
+
+def _sleeping(assoc: Association, seconds: float) -> threading.Thread:
+    """A thread in the reactor's sleep, once it waits on the queue."""
+    sleeper = threading.Thread(target=_await_message, args=(assoc, seconds), daemon=True)
+    waiting = _waiters(assoc)
+    sleeper.start()
+    assert wait_until(lambda: _waiters(assoc) == waiting + 1, timeout=5)
+    return sleeper
+
+
+def test_a_queued_message_ends_the_reactor_sleep() -> None:
+    """A sleep of 10 s ends at once for a message already queued, and when one is put meanwhile.  (The
+    5 s bound only tells "woke" from "slept its 10 s"; it is no performance bound.)"""
+    assoc = _association()
+    messages = assoc.dimse.msg_queue
+    messages.put((None, None))
+    start = time.monotonic()
+    _await_message(assoc, 10)
+    assert time.monotonic() - start < 5
+    assert messages.get_nowait() == (None, None)
+
+    sleeper = _sleeping(assoc, 10)
+    messages.put((None, None))
+    sleeper.join(5)
+    assert not sleeper.is_alive()
+
+
+def test_a_paused_reactor_sleeps_in_full() -> None:
+    """While a send_*() has paused the reactor, the reactor takes nothing from the queue: its sleep must
+    not end early for the message left there, or the reactor loop would spin."""
+    assoc = _association()
+    assoc._reactor_checkpoint.clear()
+    assoc.dimse.msg_queue.put((None, None))
+    for _ in range(3):
+        start = time.monotonic()
+        _await_message(assoc, 0.05)
+        assert time.monotonic() - start >= 0.04
+
+
+def test_the_sleep_passes_on_a_wakeup_meant_for_a_waiting_sender() -> None:
+    """Queue.put wakes ONE waiter.  The reactor waits on the queue, a send_*() then pauses it and waits
+    for its reply in get_msg(block=True): the reply's wakeup, which goes to the reactor (the first
+    waiter), must reach the sender, or the sender waits out its DIMSE timeout (30 s here)."""
+    assoc = _association()
+    messages = assoc.dimse.msg_queue
+    sleeper = _sleeping(assoc, 10)
+    assoc._reactor_checkpoint.clear()  # what send_*() does
+    replies: list[object] = []
+    sender = threading.Thread(target=lambda: replies.append(messages.get(timeout=30)), daemon=True)
+    sender.start()
+    assert wait_until(lambda: _waiters(assoc) == 2, timeout=5)
+    reply = (1, object())
+    messages.put(reply)
+    sender.join(5)
+    assert replies == [reply]
+    sleeper.join(5)
+    assert not sleeper.is_alive()
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that counts its ``recv`` calls."""
+
+    calls = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        type(self).calls += 1
+        return super().recv(bufsize, flags)
+
+
+def _socket_pair() -> tuple[socket.socket, _CountingSocket]:
+    left, right = socket.socketpair()
+    counted = _CountingSocket(right.family, right.type, fileno=right.detach())
+    _CountingSocket.calls = 0
+    return left, counted
+
+
+def _reader(connection: socket.socket) -> AssociationSocket:
+    reader = AssociationSocket.__new__(AssociationSocket)  # only .socket is used by recv
+    reader.socket = connection
+    return reader
+
+
+def test_a_pdu_is_read_in_large_pieces_byte_for_byte() -> None:
+    sender, receiver = _socket_pair()
+    payload = random.Random(3).randbytes(1_200_000)
+    writer = threading.Thread(target=sender.sendall, args=(payload,))
+    writer.start()
+    try:
+        data = _reader(receiver).recv(len(payload))
+    finally:
+        writer.join()
+        sender.close()
+        receiver.close()
+    assert data == payload and isinstance(data, bytearray)
+    # pynetdicom's own recv takes 4 KiB per call: 293 calls for this PDU.
+    assert _CountingSocket.calls <= 40
+
+
+def test_a_pdu_cut_short_by_the_peer_returns_what_arrived() -> None:
+    sender, receiver = _socket_pair()
+    sender.sendall(b"x" * 5000)
+    sender.close()
+    try:
+        assert _reader(receiver).recv(1 << 31) == bytearray(b"x" * 5000)  # never allocated 2 GiB up front
+    finally:
+        receiver.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,16 +29,19 @@ from ..dcbs import (
     append_tombstone,
     parse_instance,
 )
+from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
-from ..index.attributes import index_attributes
+from ..index.attributes import LevelAttributeCache
 from ..index.writer import (
     LevelCache,
     RecordPlacement,
     advance_indexed_end,
+    compression_pending,
     find_instance,
     indexed_generations,
     instance_location,
     instance_locations,
+    mark_compression_pending,
     remove_instance,
     upsert_instance,
 )
@@ -98,6 +102,44 @@ class StoreResult:
     stored_bytes: int
 
 
+class PendingVolumes:
+    """Volumes holding raw frames (compression deferred), by volume stem, with when each last got one.
+
+    The index keeps the same set durably (``pending_compression``); this copy spares ingest a lookup
+    per instance and tells the compressor which series have gone quiet.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_store: dict[str, float] = {}
+
+    def __contains__(self, stem: str) -> bool:
+        with self._lock:
+            return stem in self._last_store
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._last_store)
+
+    def note(self, stem: str) -> None:
+        """A record with raw frames was just stored into the volume ``stem``."""
+        with self._lock:
+            self._last_store[stem] = time.monotonic()
+
+    def take_idle(self, seconds: float) -> list[str]:
+        """Forget and return the volumes that received nothing for ``seconds``, longest idle first.
+
+        Taken *before* they are compressed: a store that comes meanwhile marks its volume pending
+        again, in the index and here, so it is compressed in a later round.
+        """
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted((last, stem) for stem, last in self._last_store.items() if now - last >= seconds)
+            for _, stem in idle:
+                del self._last_store[stem]
+        return [stem for _, stem in idle]
+
+
 class Archive:
     """Volumes under ``data_dir/volumes`` and their index."""
 
@@ -112,9 +154,15 @@ class Archive:
         self.index.create_schema()
         self.volumes = VolumePool()
         self.level_cache = LevelCache()
+        self.attribute_cache = LevelAttributeCache()
         #: volume stem → index path of its current generation (see _current_generation)
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
+        #: volumes with raw frames: those of the index, and those this process stores into
+        self.pending = PendingVolumes()
+        with self.index.engine.connect() as connection:
+            for stem in compression_pending(connection):
+                self.pending.note(stem)
 
     def close(self) -> None:
         """Close volumes and database connections."""
@@ -138,33 +186,45 @@ class Archive:
         source_ae_title: str = "",
         transfer_syntax: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        defer_compression: bool = False,
     ) -> StoreResult:
         """Store Part-10 bytes; returns only once the instance is fsynced and committed in the index.
 
         ``expected_sop_instance_uid`` (a C-STORE's Affected SOP Instance UID) must match the dataset's.
-        Raises :class:`~dcbnode.dcbs.InvalidDatasetError` for input that cannot be stored faithfully,
-        :class:`DuplicateInstanceError` under the "reject" policy, and
+        ``defer_compression`` stores native frames uncompressed (codec ``raw``) and marks the volume for
+        compression, which compaction does later (the node's ``Compressor``): a faster store, a larger
+        volume until then.  Raises :class:`~dcbnode.dcbs.InvalidDatasetError` for input that cannot be
+        stored faithfully, :class:`DuplicateInstanceError` under the "reject" policy, and
         :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
         """
         parsed = parse_instance(data, transfer_syntax=transfer_syntax)
         if expected_sop_instance_uid is not None and parsed.sop_instance_uid != expected_sop_instance_uid:
             raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
-        if self._known(parsed.sop_instance_uid) and self.duplicate_policy != "replace":
-            if self.duplicate_policy == "reject":
-                raise DuplicateInstanceError(f"SOP Instance {parsed.sop_instance_uid} is already stored")
-            return StoreResult(StoreOutcome.DUPLICATE_IGNORED, parsed.sop_instance_uid,
-                               parsed.uids["SOPClassUID"], parsed.split.received_length, 0)
-        encoded = parsed.encode()
+        # Looked up first only when that saves a compression; the index commit checks again anyway.
+        duplicate = None if defer_compression else self._duplicate(parsed)
+        if duplicate is not None:
+            return duplicate
+        encoded = parsed.encode(defer_compression=defer_compression)
         meta = encoded.meta
         result = StoreResult(StoreOutcome.STORED, meta.sop_instance_uid, meta.sop_class_uid,
                              meta.received_length, encoded.stored_length)
         first_generation = volume_path_for(meta.series_instance_uid)
-        try:
-            _, previous = self._append(first_generation, lambda volume, relative: append_instance(
-                volume, encoded, lambda location: self._index(encoded, relative, location, source_ae_title)))
-        except _DuplicateFound:  # a concurrent store of the same UID won the race
-            return self.store(data, source_ae_title=source_ae_title, transfer_syntax=transfer_syntax,
-                              expected_sop_instance_uid=expected_sop_instance_uid)
+        for _ in range(_INDEX_ATTEMPTS):
+            try:
+                _, previous = self._append(first_generation, lambda volume, relative: append_instance(
+                    volume, encoded, on_written=lambda location, wait_durable: self._index(
+                        encoded, relative, location, source_ae_title, wait_durable)))
+                break
+            except _DuplicateFound:  # stored already (a concurrent store may have won the race)
+                duplicate = self._duplicate(parsed)
+                if duplicate is not None:
+                    return duplicate
+                # ... and deleted again since: store it after all
+        else:
+            raise DcbsError(f"SOP Instance {parsed.sop_instance_uid} kept appearing and disappearing in the "
+                            "index while it was being stored")
+        if has_raw_frames(meta):
+            self.pending.note(volume_stem(first_generation))
         if previous is None:
             return result
         if volume_stem(previous) != volume_stem(first_generation):
@@ -172,25 +232,47 @@ class Archive:
             self.tombstone(previous, meta.sop_instance_uid, meta.series_instance_uid)
         return _with(result, StoreOutcome.REPLACED)
 
-    def _known(self, sop_instance_uid: str) -> bool:
+    def _duplicate(self, parsed: ParsedInstance) -> StoreResult | None:
+        """The outcome of storing an instance the index has already, unless the policy replaces it (None
+        also when it is not stored); raises :class:`DuplicateInstanceError` under "reject"."""
+        if self.duplicate_policy == "replace":
+            return None
         with self.index.engine.connect() as connection:  # a read: no session, no commit
-            return instance_location(connection, sop_instance_uid) is not None
+            if instance_location(connection, parsed.sop_instance_uid) is None:
+                return None
+        if self.duplicate_policy == "reject":
+            raise DuplicateInstanceError(f"SOP Instance {parsed.sop_instance_uid} is already stored")
+        return StoreResult(StoreOutcome.DUPLICATE_IGNORED, parsed.sop_instance_uid, parsed.uids["SOPClassUID"],
+                           parsed.split.received_length, 0)
 
     def _index(
-        self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str
+        self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str,
+        wait_durable: Callable[[], None],
     ) -> str | None:
-        """Commit the index rows of a durable record; returns the replaced copy's volume, if any."""
+        """Write the index rows of a record whose fsync is under way, and commit them once it is durable;
+        returns the replaced copy's volume, if any."""
         meta = encoded.meta
         placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,
                                     location.length, meta.received_syntax, source_ae_title[:16])
-        attributes = index_attributes(encoded.dataset)
+        assert encoded.dataset is not None  # a received instance
+        attributes = self.attribute_cache.attributes(encoded.dataset)
+        # The volume is marked pending in the index once per process run; the compressor unmarks it
+        # before it compresses the volume (PendingVolumes.take_idle), so a later store marks it again.
+        stem = volume_stem(relative) if has_raw_frames(meta) and volume_stem(relative) not in self.pending else None
         for attempt in range(_INDEX_ATTEMPTS):
             try:
                 with self.index.session() as session:
-                    current = instance_location(session, meta.sop_instance_uid)
-                    if current is not None and self.duplicate_policy != "replace":
+                    if self.duplicate_policy == "replace":
+                        current = instance_location(session, meta.sop_instance_uid)
+                        upsert_instance(session, attributes, placement, self.level_cache,
+                                        exists=current is not None)
+                    elif upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True):
+                        current = None
+                    else:
                         raise _DuplicateFound
-                    upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None)
+                    if stem is not None:
+                        mark_compression_pending(session, stem)
+                    wait_durable()  # the commit (leaving the block) must not come before the fsync
                 return current[0] if current is not None else None
             except IntegrityError:
                 # Two stores created the same patient/study/series row at once (the loser retries and
@@ -220,6 +302,13 @@ class Archive:
                 if attempt == _REOPEN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def current_volume_file(self, stem: str) -> Path | None:
+        """The file of the current generation of the volume ``stem``, as the index has it now (None if the
+        index has no generation of it)."""
+        with self.index.engine.connect() as connection:
+            known = indexed_generations(connection, stem)
+        return self.volume_file(max(known, key=volume_generation)) if known else None
 
     def _current_generation(self, relative: str) -> tuple[str, bool]:
         """The index path of the volume's current generation, and whether a missing file may be created.

@@ -14,6 +14,11 @@ interrupted compaction (the one the index points to wins).  Steps, each crash-sa
    volume row (a crash after it leaves the old file unreferenced: recovery removes it);
 4. unlink the old file and ``fsync`` the directory.  Readers that already hold the old file open keep
    reading its (unchanged) inode until they close it.
+
+A volume whose records hold raw frames (the node deferred their compression) is compacted even with no
+dead record: its records are *re-encoded* rather than copied (frames compressed as an inline store
+would have, each verified lossless; metadata written against a dictionary made from the first live
+record), and the same index transaction clears its ``pending_compression`` mark.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from ..dcbs import (
     Volume,
     live_instances,
 )
-from ..dcbs.dictionary import SharedDictionary, read_dictionary, replacement_dictionary
+from ..dcbs.dictionary import SharedDictionary, read_dictionary, replacement_dictionary, unpack_dictionary
 from ..dcbs.format import RECORD_HEADER_SIZE, MetaLayout, RecordHeader, RecordKind, crc32, pack_file_header
+from ..dcbs.instance import EncodedInstance, has_raw_frames, reencoded
 from ..dcbs.volume import RecordEntry, RecordLocation, fsync_directory
 from ..index.models import Instance, VolumeRow
-from ..index.writer import volume_row
+from ..index.writer import clear_compression_pending, volume_row
 from .archive import Archive, volume_generation, volume_stem
 from .recovery import resolve_generations, volume_files
 
@@ -64,12 +70,13 @@ class CompactResult:
     bytes_after: int
 
 
-def dead_records(path: Path) -> tuple[int, int]:
-    """``(records, live records)`` of a volume, without reading frame data (dictionary records, shared by
-    the instance records and never dead while any is live, are not counted)."""
+def needs_compaction(path: Path) -> bool:
+    """Whether a volume holds a dead record or raw frames, found without reading frame data (dictionary
+    records, shared by the instance records and never dead while any is live, are not counted)."""
     with Volume.open(path) as volume:
         records = sum(1 for entry in volume.records() if entry.header.kind != RecordKind.DICTIONARY)
-        return records, len(live_instances(volume))
+        live = live_instances(volume)
+        return records != len(live) or any(has_raw_frames(stored.meta) for stored in live.values())
 
 
 def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None] | None = None) -> CompactResult | None:
@@ -88,18 +95,22 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
             live = live_instances(volume)
             _drop_copies_filed_elsewhere(archive, old_relative, live)
             size_before = volume.size()
-            if len(live) == len(entries):
+            reencode = any(has_raw_frames(stored.meta) for stored in live.values())
+            if len(live) == len(entries) and not reencode:
+                with archive.index.session() as session:  # e.g. compressed by another process meanwhile
+                    clear_compression_pending(session, volume_stem(old_relative))
                 return None
             old_offsets = {uid: s.location.offset for uid, s in live.items()}
             _check_index_agrees(archive, old_relative, old_offsets)
             target = _next_generation_path(path)
-            new_offsets = _write_generation(volume, target, dictionaries, list(live.values()), pause) if live else {}
+            write = _write_reencoded if reencode else _write_generation
+            new_locations = write(volume, target, dictionaries, list(live.values()), pause) if live else {}
         if pause:
             pause("linked")
         new_relative = archive.index_path(target) if live else None
         try:
             with archive.index.session() as session:
-                _move_rows(session, old_relative, new_relative, old_offsets, new_offsets,
+                _move_rows(session, old_relative, new_relative, old_offsets, new_locations,
                            target.stat().st_size if live else 0)
         except SQLAlchemyError as exc:  # e.g. the index changed under us: undo step 2, keep the old file
             if live:
@@ -139,9 +150,9 @@ def _check_index_agrees(archive: Archive, path: str, live: dict[str, int]) -> No
 
 
 def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEntry], live: list[StoredInstance],
-                      pause: Callable[[str], None] | None) -> dict[str, int]:
+                      pause: Callable[[str], None] | None) -> dict[str, RecordLocation]:
     """Write the dictionary, then the live records, into ``target`` (same volume id); returns the new
-    offsets by UID.
+    locations by UID.
 
     Records are copied byte for byte, except when the instance the dictionary was made from is no longer
     live: then the dictionary is made anew from the first live record, and the metadata of the records
@@ -150,13 +161,9 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
     """
     live = sorted(live, key=lambda s: s.location.offset)
     replacement = _replacement_dictionary(volume, dictionaries, live)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    offsets: dict[str, int] = {}
-    try:
-        header = pack_file_header(volume.volume_id)
-        os.write(fd, header)
-        position = len(header)
+
+    def write(fd: int, position: int) -> dict[str, RecordLocation]:
+        locations: dict[str, RecordLocation] = {}
         if replacement is not None:
             old, new, block = replacement
             position += _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block), new.id), block)
@@ -167,16 +174,62 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
         for stored in live:
             for _ in stored.iter_frames():  # never copy a damaged record into the new generation
                 pass
-            offsets[stored.meta.sop_instance_uid] = position
             record_header, block = volume.read_meta(stored.location.offset)
             if replacement is not None and record_header.layout == MetaLayout.COMPACT \
                     and record_header.dictionary_id == old.id:
-                position += _recompressed(volume, fd, stored.location, record_header, old.decompress(block), new)
+                length = _recompressed(volume, fd, stored.location, record_header, old.decompress(block), new)
             else:
                 _copy(volume, fd, stored.location)
-                position += stored.location.length
+                length = stored.location.length
+            locations[stored.meta.sop_instance_uid] = RecordLocation(position, length)
+            position += length
             if pause:
                 pause("copying")
+        return locations
+
+    return _write_file(volume, target, write, pause)
+
+
+def _write_reencoded(volume: Volume, target: Path, dictionaries: list[RecordEntry], live: list[StoredInstance],
+                     pause: Callable[[str], None] | None) -> dict[str, RecordLocation]:
+    """Write every live record of ``volume`` re-encoded (see :func:`~dcbnode.dcbs.instance.reencoded`) into
+    ``target``, after a dictionary made from the first of them; returns the new locations by UID.
+
+    One record is in memory at a time.  Each is checked before it is written: its frames were verified
+    lossless by the encoder, and its metadata must read back as it was.
+    """
+    live = sorted(live, key=lambda s: s.location.offset)
+
+    def write(fd: int, position: int) -> dict[str, RecordLocation]:
+        locations: dict[str, RecordLocation] = {}
+        dictionary: SharedDictionary | None = None
+        for stored in live:
+            encoded = reencoded(stored)
+            if dictionary is None:
+                block = encoded.dictionary_candidate()
+                dictionary = unpack_dictionary(block, crc32(block))
+                position += _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block),
+                                                           dictionary.id), block)
+            length = _write_encoded(fd, encoded, dictionary)
+            locations[stored.meta.sop_instance_uid] = RecordLocation(position, length)
+            position += length
+            if pause:
+                pause("copying")
+        return locations
+
+    return _write_file(volume, target, write, pause)
+
+
+def _write_file(volume: Volume, target: Path, write: Callable[[int, int], dict[str, RecordLocation]],
+                pause: Callable[[str], None] | None) -> dict[str, RecordLocation]:
+    """Create ``target`` (a new generation of ``volume``) durably: the file header, then ``write(fd,
+    position)``'s records, written to a hidden temporary file that is linked into place once fsynced."""
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        header = pack_file_header(volume.volume_id)
+        os.write(fd, header)
+        locations = write(fd, len(header))
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -188,7 +241,7 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
         if fd >= 0:
             os.close(fd)
         temporary.unlink(missing_ok=True)
-    return offsets
+    return locations
 
 
 def _replacement_dictionary(
@@ -222,6 +275,19 @@ def _recompressed(volume: Volume, fd: int, location: RecordLocation, header: Rec
     return written + frames
 
 
+def _write_encoded(fd: int, encoded: EncodedInstance, dictionary: SharedDictionary) -> int:
+    """Write a COMPACT instance record of ``encoded`` using ``dictionary``; returns the bytes written."""
+    block, frames = encoded.record(dictionary)  # checked to read back
+    data_length = sum(len(frame) for frame in frames)
+    written = _write_record(fd, RecordHeader(RecordKind.INSTANCE, len(block) + data_length, len(block),
+                                             crc32(block), MetaLayout.COMPACT, dictionary.id), block)
+    for frame in frames:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(fd, view):]
+    return written + data_length
+
+
 def _write_record(fd: int, header: RecordHeader, meta: bytes) -> int:
     """Write a record header and its metadata block; returns the bytes written."""
     data = memoryview(header.pack() + meta)
@@ -240,8 +306,9 @@ def _copy(volume: Volume, fd: int, location: RecordLocation) -> None:
 
 
 def _move_rows(session: Session, old: str, new: str | None, old_offsets: dict[str, int],
-               offsets: dict[str, int], new_size: int) -> None:
-    """Point every instance of volume ``old`` at its record in ``new``, and drop ``old``'s row.
+               locations: dict[str, RecordLocation], new_size: int) -> None:
+    """Point every instance of volume ``old`` at its record in ``new``, drop ``old``'s row, and clear the
+    volume's ``pending_compression`` mark (the new generation holds no raw frames).
 
     Only rows that still point at the record that was copied move (a concurrent "replace" may have
     re-filed an instance elsewhere meanwhile).
@@ -252,23 +319,26 @@ def _move_rows(session: Session, old: str, new: str | None, old_offsets: dict[st
         new_row.indexed_end = new_size
         for instance in session.scalars(select(Instance).where(Instance.volume_pk == old_row.id)):
             if old_offsets.get(instance.sop_instance_uid) == instance.record_offset:
+                location = locations[instance.sop_instance_uid]
                 instance.volume = new_row
-                instance.record_offset = offsets[instance.sop_instance_uid]
+                instance.record_offset = location.offset
+                instance.record_length = instance.stored_bytes = location.length
         session.flush()
     if old_row is not None:
         session.delete(old_row)
+    clear_compression_pending(session, volume_stem(old))
     session.flush()
 
 
 def compactable_volumes(archive: Archive) -> list[Path]:
-    """Volumes that hold at least one dead record (after finishing any interrupted compaction)."""
+    """Volumes that hold at least one dead record or raw frames (after finishing any interrupted
+    compaction)."""
     resolve_generations(archive)
     result = []
     for path in volume_files(archive):
         try:
-            records, live = dead_records(path)
+            if needs_compaction(path):
+                result.append(path)
         except DcbsError:
             continue  # damaged: verify reports it, compaction leaves it alone
-        if records != live:
-            result.append(path)
     return result

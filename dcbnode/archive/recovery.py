@@ -22,6 +22,7 @@ from ..dcbs import StoredInstance, Volume, live_instances
 from ..dcbs.dataset_split import parse_explicit_le
 from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import FILE_HEADER_SIZE, RecordKind, unpack_file_header
+from ..dcbs.instance import has_raw_frames
 from ..dcbs.record import unpack_tombstone
 from ..dcbs.volume import RecordEntry, fsync_directory
 from ..index.attributes import index_attributes
@@ -31,10 +32,11 @@ from ..index.writer import (
     advance_indexed_end,
     clear_all,
     instance_location,
+    mark_compression_pending,
     remove_instance,
     upsert_instance,
 )
-from .archive import VOLUMES_DIR, Archive, volume_generation
+from .archive import VOLUMES_DIR, Archive, volume_generation, volume_stem
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +265,9 @@ def _index_record(archive: Archive, session: Session, stored: StoredInstance, re
     placement = RecordPlacement(relative, location.offset, location.length, stored.meta.received_length,
                                 location.length, stored.meta.received_syntax, _source_ae_title(stored))
     upsert_instance(session, index_attributes(header), placement, archive.level_cache, exists=exists)
+    if has_raw_frames(stored.meta):  # its store died before committing the volume's pending mark
+        mark_compression_pending(session, volume_stem(relative))
+        archive.pending.note(volume_stem(relative))
     report.instances_indexed += 1
 
 

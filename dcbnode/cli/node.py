@@ -141,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> int:
     # Heavy imports after the config check, so a bad config fails fast.
     from ..archive import Archive
+    from ..archive.compressor import Compressor
     from ..archive.recovery import recover
     from ..net.context import NodeContext
     from ..net.server import Node
@@ -149,6 +150,8 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,
              node_cfg.data_dir, node_cfg.redacted_database_url)
     archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url, duplicate_policy=node_cfg.duplicate_policy)
+    # Runs in either mode: volumes left uncompressed under "deferred" still get compressed after a switch.
+    compressor = Compressor(archive, node_cfg.compression_delay)
     try:
         report = recover(archive)
         log.info("recovery: %d volume(s), %d torn byte(s) cut, %d instance(s) indexed, %d removed, "
@@ -159,6 +162,9 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         if signals.stop_pending():
             log.info("stop requested during recovery; not accepting associations")
             return EXIT_OK
+        if archive.pending:
+            log.info("%d series volume(s) wait for deferred compression", len(archive.pending))
+        compressor.start()
         node = Node(NodeContext(config=config, archive=archive))
         try:
             node.start()
@@ -173,6 +179,8 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         service_notify.stopping()
         node.stop(grace=node_cfg.dimse_timeout)
     finally:
+        if not compressor.stop():
+            log.warning("deferred compression did not stop in time; its volume is left as it was")
         archive.close()
         log.info("stopped")
     return EXIT_OK

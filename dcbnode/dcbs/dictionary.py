@@ -34,6 +34,9 @@ _LENGTH = struct.Struct("<I")
 #: Metadata is compressed once at ingest and read often; level 19 costs ≈1 ms per instance and gave
 #: 105.7 bytes per bench CT slice against 114.8 at level 9 (before the identity fields were left out).
 _ZSTD_LEVEL = 19
+#: For records whose compression the node deferred: compaction rewrites them (at ``_ZSTD_LEVEL``) anyway,
+#: and level 19 would cost ingest ≈1 ms per instance.
+FAST_ZSTD_LEVEL = 3
 _SOC, _SOT, _SOD, _EOC = b"\xff\x4f", b"\xff\x90", b"\xff\x93", b"\xff\xd9"
 #: SOT marker segment: marker, Lsot = 10, tile index 0, Psot (filled in), tile-part 0 of 1
 _SOT_SEGMENT = struct.Struct(">2sHHIBB")
@@ -51,12 +54,12 @@ class SharedDictionary:
     content: bytes
     codestream_header: bytes
 
-    def compress(self, content: bytes) -> bytes:
+    def compress(self, content: bytes, *, level: int = _ZSTD_LEVEL) -> bytes:
         """A COMPACT metadata block from the metadata content of an instance."""
         # No magic, content size or checksum in the frame: the record header says what the block is
         # and checks it, and they would add up to 10 bytes per instance.
         params = zstandard.ZstdCompressionParameters.from_level(
-            _ZSTD_LEVEL,
+            level,
             source_size=len(content),
             dict_size=len(self.content),
             format=zstandard.FORMAT_ZSTD1_MAGICLESS,

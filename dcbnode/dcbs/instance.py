@@ -20,18 +20,25 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian
 
 from .dataset_split import SplitDataset, instance_number, slice_position, split_dataset
-from .dictionary import SharedDictionary, codestream_header, pack_dictionary, strip_codestream
-from .errors import InvalidDatasetError, UndecodablePixelDataError, UnsupportedTransferSyntaxError
+from .dictionary import FAST_ZSTD_LEVEL, SharedDictionary, codestream_header, pack_dictionary, strip_codestream
+from .errors import (
+    CorruptRecordError,
+    DcbsError,
+    InvalidDatasetError,
+    UndecodablePixelDataError,
+    UnsupportedTransferSyntaxError,
+)
 from .pixels import (
     encode_htj2k_verified,
-    frame_shape,
     htj2k_eligible,
-    is_canonical,
+    htj2k_from_native,
+    htj2k_output_photometric,
     native_dtype,
     uses_colour_transform,
     zstd_compress,
 )
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource, frame_table, meta_content
+from .stored import StoredInstance
 from .syntaxes import HTJ2K_LOSSLESS_SYNTAXES, TRANSCODED_LOSSLESS_SYNTAXES, is_lossy_syntax, is_storable_syntax
 
 #: PS3.5 9.1 as hospitals meet it: digits and dots, no empty component, at most 64 characters.
@@ -46,12 +53,19 @@ class EncodedInstance:
     meta: InstanceMeta
     blobs: InstanceBlobs
     frames: list[bytes]
-    dataset: Dataset  #: the parsed received dataset (for the index's attributes)
+    #: the parsed received dataset (for the index's attributes); None for a record re-encoded from a volume
+    dataset: Dataset | None
 
     def record(self, dictionary: SharedDictionary) -> tuple[bytes, list[bytes]]:
-        """The metadata block (COMPACT layout) and frame data of this record, written with ``dictionary``."""
+        """The metadata block (COMPACT layout) and frame data of this record, written with ``dictionary``;
+        raises :class:`DcbsError` if the block would not read back (never written, then)."""
         meta, frames = self._stored(dictionary.codestream_header)
-        return dictionary.compress(meta_content(meta, self.blobs)), frames
+        content = meta_content(meta, self.blobs)
+        # A record with raw frames is rewritten when compaction compresses it: no need to squeeze it now.
+        block = dictionary.compress(content, **({"level": FAST_ZSTD_LEVEL} if has_raw_frames(meta) else {}))
+        if dictionary.decompress(block) != content:
+            raise DcbsError(f"metadata of {meta.sop_instance_uid} does not read back from its compressed block")
+        return block, frames
 
     def dictionary_candidate(self) -> bytes:
         """The dictionary record a volume gets when this is its first instance (see ``dictionary.py``)."""
@@ -63,10 +77,12 @@ class EncodedInstance:
     def _stored(self, header: bytes) -> tuple[InstanceMeta, list[bytes]]:
         """Metadata and frames as stored: HTJ2K frames without the shared ``header`` where it fits."""
         frames: list[tuple[str, bytes]] = []
+        crcs: list[int | None] = []
         for entry, data in zip(self.meta.frames, self.frames, strict=True):
             body = strip_codestream(header, data) if entry.codec == Codec.HTJ2K else None
             frames.append((entry.codec, data) if body is None else (Codec.HTJ2K_SHARED, body))
-        return replace(self.meta, frames=frame_table(frames)), [data for _, data in frames]
+            crcs.append(entry.crc if body is None else None)  # unchanged bytes: checksummed already
+        return replace(self.meta, frames=frame_table(frames, crcs)), [data for _, data in frames]
 
     @property
     def stored_length(self) -> int:
@@ -95,10 +111,15 @@ class ParsedInstance:
         """The instance's SOP Instance UID (validated)."""
         return self.uids["SOPInstanceUID"]
 
-    def encode(self) -> EncodedInstance:
-        """Encode the pixels (verified lossless) and build the record."""
+    def encode(self, *, defer_compression: bool = False) -> EncodedInstance:
+        """Encode the pixels (verified lossless) and build the record.
+
+        ``defer_compression`` keeps native frames as they came (codec ``raw``): the node's fast path,
+        whose volumes compaction compresses later (:func:`reencoded`).  Compressed input is handled
+        the same either way.
+        """
         split, uids = self.split, self.uids
-        image, frames, extra = _encode_pixels(split)
+        image, frames, extra = _encode_pixels(split, defer_compression)
         meta = InstanceMeta(
             sop_instance_uid=uids["SOPInstanceUID"],
             sop_class_uid=uids["SOPClassUID"],
@@ -206,7 +227,9 @@ def _pixel_vr(pixel: RawDataElement, dataset: Dataset) -> str:
     return "OW" if int(dataset.get("BitsAllocated", 16) or 16) > 8 else "OB"
 
 
-def _encode_pixels(split: SplitDataset) -> tuple[ImageInfo | None, list[tuple[str, bytes]], dict[str, bytes]]:
+def _encode_pixels(
+    split: SplitDataset, defer_compression: bool
+) -> tuple[ImageInfo | None, list[tuple[str, bytes]], dict[str, bytes]]:
     pixel = split.pixel_element
     if pixel is None:
         return None, [], {}
@@ -215,14 +238,14 @@ def _encode_pixels(split: SplitDataset) -> tuple[ImageInfo | None, list[tuple[st
         raise InvalidDatasetError("Rows and Columns must be positive for pixel data")
     if pixel.length == 0xFFFFFFFF:
         return _encode_encapsulated(split, image, pixel.value or b"")
-    return _encode_native(split, image, pixel.value or b"")
+    return _encode_native(split, image, pixel.value or b"", defer_compression)
 
 
 # -- native pixel data ----------------------------------------------------------------------------------
 
 
 def _encode_native(
-    split: SplitDataset, image: ImageInfo, value: bytes
+    split: SplitDataset, image: ImageInfo, value: bytes, defer_compression: bool
 ) -> tuple[ImageInfo, list[tuple[str, bytes]], dict[str, bytes]]:
     dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
     if split.transfer_syntax == ExplicitVRBigEndian:
@@ -231,26 +254,51 @@ def _encode_native(
     _check_length(value, expected)
     if dtype is None:  # 1-bit: frames are not byte aligned, keep the whole value as one blob
         return replace(image, packed=True), [(Codec.ZSTD, zstd_compress(value))], {}
-    samples = image.rows * image.columns * image.samples_per_pixel
     frame_length = expected // image.number_of_frames
-    colour_transform = uses_colour_transform(image.samples_per_pixel, image.photometric)
-    use_htj2k = htj2k_eligible(dtype, image.samples_per_pixel, image.photometric)
-    frames: list[tuple[str, bytes]] = []
-    for index in range(image.number_of_frames):
-        offset = index * frame_length
-        codestream = None
-        if use_htj2k:
-            flat = np.frombuffer(value, dtype=dtype, count=samples, offset=offset)
-            if is_canonical(flat, image.bits_stored):
-                codestream = encode_htj2k_verified(_interleaved(flat, image), colour_transform)
-        if codestream is None:
-            frames.append((Codec.ZSTD, zstd_compress(memoryview(value)[offset : offset + frame_length])))
-        else:
-            frames.append((Codec.HTJ2K, codestream))
-    all_htj2k = all(codec == Codec.HTJ2K for codec, _ in frames)
-    htj2k_photometric = ("YBR_RCT" if colour_transform else image.photometric) if all_htj2k else None
+    # A whole-value slice of bytes is the value itself: a single frame is not copied.
+    received = [value[index * frame_length : (index + 1) * frame_length] for index in range(image.number_of_frames)]
     tail = value[frame_length * image.number_of_frames :]
+    if defer_compression:  # HTJ2K output, if offered, is encoded when asked for (rebuild.py)
+        image = replace(image, htj2k_photometric=htj2k_output_photometric(image))
+        return image, [(Codec.RAW, frame) for frame in received], {"native_tail": tail}
+    frames, htj2k_photometric = compress_native_frames(image, received)
     return replace(image, htj2k_photometric=htj2k_photometric), frames, {"native_tail": tail}
+
+
+def compress_native_frames(
+    image: ImageInfo, frames: list[bytes]
+) -> tuple[list[tuple[str, bytes]], str | None]:
+    """Each native frame as verified-lossless HTJ2K where it can be, else as zstd; and the photometric
+    interpretation of HTJ2K output (None unless every frame is HTJ2K)."""
+    compressed: list[tuple[str, bytes]] = []
+    for frame in frames:
+        codestream = htj2k_from_native(frame, image)
+        compressed.append((Codec.ZSTD, zstd_compress(frame)) if codestream is None else (Codec.HTJ2K, codestream))
+    all_htj2k = all(codec == Codec.HTJ2K for codec, _ in compressed)
+    return compressed, htj2k_output_photometric(image) if all_htj2k else None
+
+
+def reencoded(stored: StoredInstance) -> EncodedInstance:
+    """A stored record's instance as an inline store encodes it, for compaction to write anew: raw frames
+    compressed (verified lossless), ``htj2k-shared`` frames whole again (the new volume's dictionary
+    decides what is shared).  Frames are read, and so checked against their CRCs, on the way."""
+    meta, image = stored.meta, stored.meta.image
+    data = list(stored.iter_frames())
+    codecs = [Codec.HTJ2K if entry.codec == Codec.HTJ2K_SHARED else entry.codec for entry in meta.frames]
+    if Codec.RAW in codecs:
+        if image is None or any(codec != Codec.RAW for codec in codecs):
+            raise CorruptRecordError(stored.volume.path, stored.location.offset,
+                                     "raw frames in a record that is not all raw native frames")
+        frames, htj2k_photometric = compress_native_frames(image, data)
+        meta = replace(meta, image=replace(image, htj2k_photometric=htj2k_photometric))
+    else:
+        frames = list(zip(codecs, data, strict=True))
+    return EncodedInstance(replace(meta, frames=frame_table(frames)), stored.blobs, [d for _, d in frames], None)
+
+
+def has_raw_frames(meta: InstanceMeta) -> bool:
+    """Whether a record still holds frames whose compression was deferred."""
+    return any(entry.codec == Codec.RAW for entry in meta.frames)
 
 
 def _little_endian(value: bytes, image: ImageInfo) -> bytes:
@@ -275,12 +323,6 @@ def _expected_length(dataset: Dataset) -> int:
 def _check_length(value: bytes, expected: int) -> None:
     if len(value) < expected:
         raise InvalidDatasetError(f"Pixel Data has {len(value)} bytes, its attributes require {expected}")
-
-
-def _interleaved(flat: np.ndarray, image: ImageInfo) -> np.ndarray:
-    if image.samples_per_pixel > 1 and image.planar_configuration == 1:
-        return flat.reshape(image.samples_per_pixel, image.rows, image.columns).transpose(1, 2, 0)
-    return flat.reshape(frame_shape(image.rows, image.columns, image.samples_per_pixel))
 
 
 # -- encapsulated pixel data ----------------------------------------------------------------------------

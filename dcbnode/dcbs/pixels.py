@@ -100,6 +100,36 @@ def encode_htj2k_verified(frame: np.ndarray, colour_transform: bool) -> bytes | 
     return bytes(codestream)
 
 
+def htj2k_output_photometric(image: ImageInfo) -> str | None:
+    """The photometric interpretation HTJ2K output of these frames has (YBR_RCT for RGB), or None when
+    frames of this kind are never HTJ2K (see :func:`htj2k_eligible`)."""
+    dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
+    if not htj2k_eligible(dtype, image.samples_per_pixel, image.photometric):
+        return None
+    return "YBR_RCT" if uses_colour_transform(image.samples_per_pixel, image.photometric) else image.photometric
+
+
+def htj2k_from_native(frame: bytes, image: ImageInfo) -> bytes | None:
+    """One native frame (little endian, as received) as verified-lossless HTJ2K, or None when it cannot
+    be: frames of this kind are not HTJ2K-eligible, bits above BitsStored are set, or the codec failed."""
+    if htj2k_output_photometric(image) is None:
+        return None
+    dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
+    flat = np.frombuffer(frame, dtype=dtype, count=image.rows * image.columns * image.samples_per_pixel)
+    if not is_canonical(flat, image.bits_stored):
+        return None
+    return encode_htj2k_verified(interleaved(flat, image), uses_colour_transform(image.samples_per_pixel,
+                                                                                image.photometric))
+
+
+def interleaved(flat: np.ndarray, image: ImageInfo) -> np.ndarray:
+    """A frame's samples as an interleaved array (rows, columns[, samples]), whatever its planar
+    configuration."""
+    if image.samples_per_pixel > 1 and image.planar_configuration == 1:
+        return flat.reshape(image.samples_per_pixel, image.rows, image.columns).transpose(1, 2, 0)
+    return flat.reshape(frame_shape(image.rows, image.columns, image.samples_per_pixel))
+
+
 def zstd_compress(data: bytes | memoryview) -> bytes:
     """zstd of raw bytes, for what HTJ2K cannot hold."""
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data)
@@ -145,9 +175,9 @@ def decode_frame(codec: str, data: bytes, image: ImageInfo, received_syntax: str
     """Decode one stored frame to its native array (interleaved samples)."""
     if codec in (Codec.HTJ2K, Codec.HTJ2K_SHARED):  # StoredInstance.frame restored the shared header
         return imagecodecs.htj2k_decode(data)
-    if codec == Codec.ZSTD:
+    if codec in (Codec.ZSTD, Codec.RAW):
         dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
-        raw = np.frombuffer(zstd_decompress(data), dtype=dtype)
+        raw = np.frombuffer(zstd_decompress(data) if codec == Codec.ZSTD else data, dtype=dtype)
         if image.samples_per_pixel > 1 and image.planar_configuration == 1:
             planes = raw.reshape(image.samples_per_pixel, image.rows, image.columns)
             return planes.transpose(1, 2, 0)

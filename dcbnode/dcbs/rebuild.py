@@ -15,7 +15,7 @@ whose offsets no longer hold).  Output is deterministic.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
@@ -23,7 +23,7 @@ from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, Impli
 from .dataset_split import encode_little_endian, explicit_elements, parse_explicit_le, span_key
 from .errors import DcbsError
 from .file_meta import even, file_meta_group, writer_elements
-from .pixels import decode_frame, native_frame_bytes, zstd_decompress
+from .pixels import decode_frame, htj2k_from_native, native_frame_bytes, zstd_decompress
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource
 
 _ITEM = 0xE000FFFE.to_bytes(4, "little")
@@ -79,7 +79,7 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
         dataset = _encode(blobs.header, (), blobs.suffix, syntax)
     elif syntax in _HTJ2K_OUTPUTS:
         header = _patch(blobs.header, meta, image.htj2k_photometric, 0)
-        dataset = _encode(header, _encapsulated(image, b"", _each(frames, meta), None), blobs.suffix, syntax)
+        dataset = _encode(header, _encapsulated(image, b"", _htj2k_frames(frames, meta), None), blobs.suffix, syntax)
     elif syntax == meta.received_syntax and image.source == PixelSource.ORIGINAL:
         pixel = _encapsulated(image, blobs.basic_offsets, _each(frames, meta), image.fragments)
         dataset = _encode(blobs.header, pixel, blobs.suffix, syntax)
@@ -93,6 +93,19 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
 
 def _each(frames: FrameSource, meta: InstanceMeta) -> Iterable[bytes]:
     return (frames(index) for index in range(len(meta.frames)))
+
+
+def _htj2k_frames(frames: FrameSource, meta: InstanceMeta) -> Iterator[bytes]:
+    """The HTJ2K codestreams of the frames; raw frames (compression deferred) are encoded now, verified."""
+    assert meta.image is not None
+    for index, entry in enumerate(meta.frames):
+        data = frames(index)
+        if entry.codec == Codec.RAW:
+            codestream = htj2k_from_native(data, meta.image)
+            if codestream is None:
+                raise UnavailableSyntaxError(f"frame {index} of instance {meta.sop_instance_uid} cannot be HTJ2K")
+            data = codestream
+        yield data
 
 
 # -- header -----------------------------------------------------------------------------------------------
@@ -205,5 +218,7 @@ def _native_frame(image: ImageInfo, meta: InstanceMeta, data: bytes, planar: int
     codec = meta.frames[index].codec
     if codec == Codec.ZSTD:
         return zstd_decompress(data)  # the received bytes, in their planar configuration
+    if codec == Codec.RAW:
+        return data
     array = decode_frame(codec, data, image, meta.received_syntax)
     return native_frame_bytes(array, image, planar)

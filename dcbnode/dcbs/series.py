@@ -23,16 +23,21 @@ T = TypeVar("T")
 
 
 def append_instance(
-    volume: Volume, encoded: EncodedInstance, on_durable: Callable[[RecordLocation], T] | None = None
+    volume: Volume,
+    encoded: EncodedInstance,
+    on_durable: Callable[[RecordLocation], T] | None = None,
+    *,
+    on_written: Callable[[RecordLocation, Callable[[], None]], T] | None = None,
 ) -> tuple[RecordLocation, T | None]:
-    """Append an encoded instance; it is on disk (fsync) before ``on_durable`` runs.
+    """Append an encoded instance; it is on disk (fsync) before ``on_durable`` runs (``on_written``: see
+    :meth:`Volume.append`).
 
     The first instance of a volume writes the volume's dictionary record first.
     """
     dictionary = dictionary_for_append(volume, encoded.dictionary_candidate)
     meta, frames = encoded.record(dictionary)
     return volume.append(RecordKind.INSTANCE, meta, frames, layout=MetaLayout.COMPACT, dictionary_id=dictionary.id,
-                         on_durable=on_durable)
+                         on_durable=on_durable, on_written=on_written)
 
 
 def append_tombstone(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import unicodedata
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 
 def fold_name(name: str) -> str:
@@ -62,6 +67,68 @@ def _integer(dataset: Dataset, keyword: str) -> int | None:
         return None
 
 
+#: The patient, study and series attributes (and the character set their text is decoded with).
+_LEVEL_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                   "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+                   "ReferringPhysicianName", "SpecificCharacterSet", "SeriesInstanceUID", "Modality",
+                   "SeriesNumber", "SeriesDescription", "BodyPartExamined")
+_LEVEL_TAGS = tuple(Tag(keyword) for keyword in _LEVEL_KEYWORDS)
+
+
+class LevelAttributeCache:
+    """The patient, study and series attributes last read for a few series, by the raw bytes of their
+    elements: the instances of a series nearly always repeat them, and decoding ~18 values per received
+    instance costs more than the rest of its index write."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[bytes | str | None, ...], IndexAttributes] = OrderedDict()
+
+    def attributes(self, dataset: Dataset) -> IndexAttributes:
+        """:func:`index_attributes` of ``dataset``, reusing the level attributes of an earlier instance
+        whose level elements were byte for byte the same."""
+        key = _raw_level_values(dataset)
+        with self._lock:
+            cached = self._entries.get(key) if key is not None else None
+            if cached is not None:
+                self._entries.move_to_end(key)
+        if cached is None:
+            attributes = index_attributes(dataset)
+            if key is not None:
+                with self._lock:
+                    self._entries[key] = attributes
+                    if len(self._entries) > self._size:
+                        self._entries.popitem(last=False)
+            return attributes
+        return replace(cached, **_instance_level(dataset))
+
+
+def _raw_level_values(dataset: Dataset) -> tuple[bytes | str | None, ...] | None:
+    """The undecoded values of the level elements (as text those pydicom decoded already: the validated
+    UIDs, Specific Character Set), or None if one holds something else (no key then)."""
+    values: list[bytes | str | None] = []
+    for tag in _LEVEL_TAGS:
+        element = dataset._dict.get(tag)
+        value = None if element is None else element.value
+        if value is None or isinstance(element, RawDataElement) or isinstance(value, str):
+            values.append(value)
+        elif isinstance(value, (list, MultiValue)) and all(isinstance(item, str) for item in value):
+            values.append("\\".join(value))
+        else:
+            return None
+    return tuple(values)
+
+
+def _instance_level(dataset: Dataset) -> dict[str, str | int | None]:
+    return {
+        "sop_instance_uid": str(dataset.SOPInstanceUID),
+        "sop_class_uid": str(dataset.SOPClassUID),
+        "instance_number": _integer(dataset, "InstanceNumber"),
+        "number_of_frames": _integer(dataset, "NumberOfFrames") or 1,
+    }
+
+
 def index_attributes(dataset: Dataset) -> IndexAttributes:
     """Read the index attributes; the four UIDs must already have been validated."""
     return IndexAttributes(
@@ -83,8 +150,5 @@ def index_attributes(dataset: Dataset) -> IndexAttributes:
         series_number=_integer(dataset, "SeriesNumber"),
         series_description=_text(dataset, "SeriesDescription"),
         body_part_examined=_text(dataset, "BodyPartExamined", 16),
-        sop_instance_uid=str(dataset.SOPInstanceUID),
-        sop_class_uid=str(dataset.SOPClassUID),
-        instance_number=_integer(dataset, "InstanceNumber"),
-        number_of_frames=_integer(dataset, "NumberOfFrames") or 1,
+        **_instance_level(dataset),
     )

@@ -101,3 +101,16 @@ class Instance(Base):
     volume: Mapped[VolumeRow] = relationship()
 
     __table_args__ = (Index("ix_instances_series_number", "series_pk", "instance_number"),)
+
+
+class PendingCompression(Base):
+    """A series volume that holds frames whose compression the node deferred (codec ``raw``).
+
+    Written in the same transaction that indexes such a record, removed by the compaction that
+    compresses them: after a restart, the node knows which volumes still wait without reading them.
+    """
+
+    __tablename__ = "pending_compression"
+    #: the volume's path without generation and extension (the same for all its generations)
+    volume_stem: Mapped[str] = mapped_column(String(512), primary_key=True)
+    since: Mapped[datetime] = mapped_column(DateTime)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .attributes import IndexAttributes, fold_name
-from .models import Instance, Patient, Series, Study, VolumeRow
+from .models import Instance, Patient, PendingCompression, Series, Study, VolumeRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +96,37 @@ _LOCATION = (select(_VOLUMES.c.path, _INSTANCES.c.record_offset).select_from(_LO
              .where(_INSTANCES.c.sop_instance_uid == bindparam("uid")))
 _INSERT_INSTANCE = insert(_INSTANCES)
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+#: An insert that writes nothing if the SOP Instance UID has a row, by dialect (both have ON CONFLICT).
+#: RETURNING says whether a row was written (rowcount is not reliable with RETURNING on every driver).
+_INSERT_NEW_INSTANCE = {
+    "sqlite": sqlite.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    .returning(_INSTANCES.c.id),
+    "postgresql": postgresql.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    .returning(_INSTANCES.c.id),
+}
 _ADVANCE = (update(_VOLUMES).where(_VOLUMES.c.id == bindparam("volume"), _VOLUMES.c.indexed_end < bindparam("end"))
             .values(indexed_end=bindparam("end")))
+
+
+_PENDING = PendingCompression.__table__
+
+
+def mark_compression_pending(session: Session, volume_stem: str) -> None:
+    """Record that the volume ``volume_stem`` holds raw frames (nothing if it is known already)."""
+    connection = session.connection()
+    if connection.execute(select(_PENDING.c.volume_stem).where(_PENDING.c.volume_stem == volume_stem)).first() is None:
+        connection.execute(insert(_PENDING).values(volume_stem=volume_stem,
+                                                   since=datetime.now(UTC).replace(tzinfo=None)))
+
+
+def clear_compression_pending(session: Session, volume_stem: str) -> None:
+    """The volume ``volume_stem`` holds no raw frames any more."""
+    session.connection().execute(delete(_PENDING).where(_PENDING.c.volume_stem == volume_stem))
+
+
+def compression_pending(connection: Connection) -> list[str]:
+    """Stems of the volumes that hold raw frames, oldest first."""
+    return list(connection.scalars(select(_PENDING.c.volume_stem).order_by(_PENDING.c.since)))
 
 
 def instance_location(session: Session | Connection, sop_instance_uid: str) -> tuple[str, int] | None:
@@ -134,10 +164,13 @@ def upsert_instance(
     cache: LevelCache | None = None,
     *,
     exists: bool | None = None,
-) -> None:
+    keep_existing: bool = False,
+) -> bool:
     """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``.
 
     ``exists`` says whether the instance already has a row, when the caller just looked (None: look).
+    ``keep_existing`` instead inserts only if there is no row (one statement, no look first) and
+    returns False, having written nothing, if there is one.
     Core statements rather than ORM objects: this runs once per received instance, inside the
     volume's append lock, so every round trip counts.
     """
@@ -160,13 +193,20 @@ def upsert_instance(
     }
     connection = session.connection()
     uid = attributes.sop_instance_uid
-    if exists is None:
-        exists = instance_location(session, uid) is not None
-    if exists:
-        connection.execute(_UPDATE_INSTANCE, {"uid": uid, **values})
+    if keep_existing:
+        inserted = connection.execute(_INSERT_NEW_INSTANCE[connection.dialect.name],
+                                      {"sop_instance_uid": uid, **values})
+        if inserted.first() is None:  # RETURNING gave no row: the UID has one already
+            return False
     else:
-        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": uid, **values})
+        if exists is None:
+            exists = instance_location(session, uid) is not None
+        if exists:
+            connection.execute(_UPDATE_INSTANCE, {"uid": uid, **values})
+        else:
+            connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": uid, **values})
     _advance(session, volume_pk, placement.offset + placement.length)
+    return True
 
 
 def _advance(session: Session, volume_pk: int, end: int) -> None:
@@ -228,7 +268,7 @@ def advance_indexed_end(session: Session, path: str, end: int) -> None:
 
 def clear_all(session: Session) -> None:
     """Delete every row (reindex rebuilds from the volumes)."""
-    for model in (Instance, VolumeRow, Series, Study, Patient):
+    for model in (Instance, VolumeRow, Series, Study, Patient, PendingCompression):
         session.execute(delete(model))
 
 

@@ -7,6 +7,7 @@ into its volume and the index committed: an acknowledged instance survives a cra
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from .context import NodeContext
 
 log = logging.getLogger("dcbnode.store")
 
+SUCCESS: Final = 0x0000
 #: PS3.4 Table B.2-1 "Refused: Out of Resources" — the sender may retry later.
 OUT_OF_RESOURCES: Final = 0xA700
 #: "Error: Data Set does not match SOP Class": missing or invalid attributes.
@@ -121,27 +123,31 @@ def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dat
         finally:
             in_flight.end()
     elapsed_ms = (time.perf_counter() - started) * 1000
-    code = int(result.Status)
+    code = result if isinstance(result, int) else int(result.Status)
     level = logging.INFO if code == 0 else logging.WARNING
-    log.log(level, "C-STORE from %s: %s %s [%s] status 0x%04X%s %.1f ms", calling_aet,
-            _sop_class_name(request.AffectedSOPClassUID), requested_uid, syntax.name, code,
-            f" ({result.ErrorComment})" if "ErrorComment" in result else "", elapsed_ms)
+    if log.isEnabledFor(level):
+        log.log(level, "C-STORE from %s: %s %s [%s] status 0x%04X%s %.1f ms", calling_aet,
+                _sop_class_name(str(request.AffectedSOPClassUID)), requested_uid, syntax.name, code,
+                f" ({result.ErrorComment})" if isinstance(result, Dataset) and "ErrorComment" in result else "",
+                elapsed_ms)
     stats = getattr(event.assoc, "dcbnode_stats", None)
     if stats is not None:
         stats.count(code)
     return result
 
 
-def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, calling_aet: str) -> Dataset:
-    """Everything that can fail, turned into a status; never raises (an exception would end in
-    pynetdicom's generic 0xC211 without a useful comment)."""
+def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, calling_aet: str) -> Dataset | int:
+    """Everything that can fail, turned into a status (an int for Success, a Dataset with an Error Comment
+    otherwise); never raises (an exception would end in pynetdicom's generic 0xC211 without a useful
+    comment)."""
     archive = context.archive
     config = context.config  # read once: SIGHUP may swap it
     try:
         if not (is_valid_uid(requested_uid) and is_valid_uid(str(event.request.AffectedSOPClassUID or ""))):
             return status(DATASET_MISMATCH, "the C-STORE request's SOP UIDs are not valid UIDs")
         stored = archive.store(part10_bytes(event, calling_aet), source_ae_title=calling_aet,
-                               transfer_syntax=syntax, expected_sop_instance_uid=requested_uid)
+                               transfer_syntax=syntax, expected_sop_instance_uid=requested_uid,
+                               defer_compression=config.node.compression == "deferred")
     except UndecodablePixelDataError as exc:
         return status(CANNOT_UNDERSTAND, exc.reason)
     except UnsupportedTransferSyntaxError as exc:
@@ -167,10 +173,10 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
                     requested_uid, calling_aet)
     elif stored.outcome is StoreOutcome.REPLACED:
         log.info("SOP Instance %s was already stored: replaced by the copy from %s", requested_uid, calling_aet)
-    return status(0x0000)
+    return SUCCESS
 
 
-def _sop_class_name(uid: object) -> str:
+@functools.lru_cache(maxsize=256)
+def _sop_class_name(uid: str) -> str:
     """The SOP class's name for log lines (the UID if pydicom does not know it)."""
-    name = UID(str(uid or "")).name
-    return name or str(uid)
+    return UID(uid).name or uid

@@ -23,7 +23,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from ..archive import Archive
 from ..archive.retrieve import RetrieveMatch
-from ..dcbs import DcbsError, available_syntaxes, rebuild
+from ..dcbs import DcbsError, UnavailableSyntaxError, available_syntaxes, rebuild
 from .wire import EncodedDataset
 
 __all__ = ["LOCATION_BATCH", "MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax", "prepare",
@@ -110,10 +110,17 @@ def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, froze
         return failed(f"peer accepted no context for SOP class {match.sop_class_uid}")
     try:
         with archive.open_instance(match.sop_instance_uid, location) as stored:
-            syntax = choose_syntax(available_syntaxes(stored.meta), syntaxes)
-            if syntax is None:
-                return failed(f"no accepted transfer syntax among {sorted(syntaxes)}")
-            rebuilt = rebuild(stored.meta, stored.blobs, stored.frame, syntax)
+            candidates = list(available_syntaxes(stored.meta))
+            while True:
+                syntax = choose_syntax(candidates, syntaxes)
+                if syntax is None:
+                    return failed(f"no accepted transfer syntax among {sorted(syntaxes)}")
+                try:
+                    rebuilt = rebuild(stored.meta, stored.blobs, stored.frame, syntax)
+                    break
+                except UnavailableSyntaxError as exc:  # e.g. a frame not yet compressed that HTJ2K cannot hold
+                    log.info("%s; trying the next accepted syntax", exc)
+                    candidates.remove(syntax)
     except KeyError:
         return failed("no longer in the archive")
     except (DcbsError, OSError, ValueError) as exc:

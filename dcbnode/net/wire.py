@@ -1,7 +1,7 @@
 """The pynetdicom 3.0 internals dcbnode replaces, all in this module: how messages reach the socket, and
-how a reply reaches the call that waits for it.
+how a reply reaches the call that waits for it, and how a received message reaches its handler.
 
-Four replacements, all installed process-wide at import (:func:`install`), all checked against
+Six replacements, all installed process-wide at import (:func:`install`), all checked against
 pynetdicom 3.0.4 so that an incompatible pynetdicom fails the import (``ImportError``) instead of
 silently sending something else:
 
@@ -49,6 +49,23 @@ silently sending something else:
    C-STORE service message") and the ``send_*()`` waits out the DIMSE timeout — seen on C-MOVE
    sub-associations to DCMTK's storescp once replies came back quickly.  The reactor's non-blocking poll
    now takes nothing while the checkpoint is cleared, which is what the pause means.
+
+5. **The association reactor's idle wait** (:class:`_AssociationTime`).  Between two polls of its DIMSE
+   queue an association's reactor (acceptor and requestor alike) sleeps 1 ms, so a message the DUL
+   thread has decoded — every C-STORE request an SCP receives — waits up to 1 ms before its handler
+   runs.  In the reactor's loop the ``sleep`` pynetdicom.association calls waits instead, at most as
+   long, on the queue's ``not_empty`` condition (``put`` notifies it), and returns at once if a message
+   is already queued.  While a ``send_*()`` has paused the reactor it sleeps in full: the paused reactor
+   takes nothing (4.), so returning early for the message left queued would spin.  Anywhere else —
+   the same thread also sleeps in ``send_*()`` / ``release()`` of a C-MOVE's sub-association — it is
+   ``time.sleep``.
+
+6. **Reading a PDU from the socket** (:func:`_recv`).  pynetdicom's ``AssociationSocket.recv`` reads
+   4 KiB per ``socket.recv`` call: 130 calls, each with its Python loop step and ``bytearray`` growth,
+   for one 512² CT slice.  The replacement asks for up to 256 KiB per call (the kernel hands over what
+   it has) and is otherwise the same: it blocks until ``nr_bytes`` are read, returns what it has when
+   the peer closes, and never allocates more than 256 KiB ahead of the data actually received (a
+   PDU length is the peer's claim, up to 4 GiB).
 """
 
 from __future__ import annotations
@@ -56,14 +73,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import queue
 import select
+import socket
 import struct
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pynetdicom
 import pynetdicom.association
@@ -72,6 +92,7 @@ import pynetdicom.dimse_messages
 import pynetdicom.dsutils
 import pynetdicom.dul
 import pynetdicom.fsm
+import pynetdicom.transport
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -84,6 +105,7 @@ from pynetdicom.pdu_primitives import P_DATA
 if TYPE_CHECKING:
     from pynetdicom.dimse import DIMSEServiceProvider
     from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.transport import AssociationSocket
 
 __all__ = [
     "CommandElements",
@@ -388,6 +410,76 @@ def _get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
     return _original_get_msg(self, block)
 
 
+# -- 5. the association reactor's idle wait -----------------------------------------------------------------
+
+
+#: The loop whose ``time.sleep`` :class:`_AssociationTime` turns into a wait.
+_REACTOR_CODE = pynetdicom.association.Association._run_reactor.__code__
+
+
+def _await_message(assoc: pynetdicom.association.Association, seconds: float) -> None:
+    """Wait up to ``seconds`` for a DIMSE message on ``assoc``'s queue, for its reactor to take.
+
+    Returns at once if one is already queued; sleeps ``seconds`` while the reactor is paused (see
+    the module docstring) or if ``assoc`` is not as expected.
+    """
+    messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if not isinstance(messages, queue.Queue) or not isinstance(checkpoint, threading.Event) or not checkpoint.is_set():
+        time.sleep(seconds)
+        return
+    with messages.not_empty:  # the queue's mutex; put() notifies not_empty under it
+        if messages._qsize():
+            return
+        messages.not_empty.wait(seconds)
+        if messages._qsize():
+            # put() notifies ONE waiter.  If a send_*() paused the reactor meanwhile and waits in
+            # get_msg(block=True), the notification may have been meant for it: pass it on, or its get()
+            # would wait out the DIMSE timeout.  A spare one is harmless: get() re-checks the queue.
+            messages.not_empty.notify()
+
+
+class _AssociationTime:
+    """What the name ``time`` means inside ``pynetdicom.association``: the ``time`` module, but for ``sleep``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        """In an association's reactor loop: :func:`_await_message`; anywhere else ``time.sleep``."""
+        assoc = threading.current_thread()
+        # Only the reactor loop's own sleep: in send_*() or release() of another association (a C-MOVE
+        # handler's sub-association, in this thread) a message for this one is no reason to stop sleeping.
+        if isinstance(assoc, pynetdicom.association.Association) and sys._getframe(1).f_code is _REACTOR_CODE:
+            _await_message(assoc, seconds)
+        else:
+            time.sleep(seconds)
+
+
+_ASSOCIATION_TIME = _AssociationTime()
+
+
+# -- 6. reading a PDU from the socket ------------------------------------------------------------------------
+
+
+#: The most one ``socket.recv`` call asks for (and so allocates ahead of the data).
+_RECV_CHUNK = 256 * 1024
+_original_recv = pynetdicom.transport.AssociationSocket.recv
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`_RECV_CHUNK` per system call."""
+    connection = cast(socket.socket, self.socket)
+    bytestream = bytearray()
+    while len(bytestream) < nr_bytes:
+        bytes_read = connection.recv(min(nr_bytes - len(bytestream), _RECV_CHUNK))
+        if not bytes_read:  # the peer closed the connection: return what there is, as pynetdicom does
+            return bytestream
+        bytestream += bytes_read
+    return bytestream
+
+
 def _check() -> None:
     """Raise ``ImportError`` unless pynetdicom works the way the replacements above assume."""
     problems = []
@@ -425,6 +517,16 @@ def _check() -> None:
         :2
     ] != ("self", "block") or "msg_queue" not in get_msg.co_names:
         problems.append("the association reactor does not poll dimse.get_msg(block=False) behind its checkpoint")
+    if pynetdicom.association.time not in (time, _ASSOCIATION_TIME) or not {"time", "sleep", "dimse"} <= set(
+        run_assoc.co_names
+    ):
+        problems.append("the association reactor does not idle with time.sleep")
+    messages = getattr(pynetdicom.dimse.DIMSEServiceProvider(None), "msg_queue", None)  # type: ignore[arg-type]
+    if not isinstance(messages, queue.Queue) or not {"not_empty", "notify"} <= set(queue.Queue.put.__code__.co_names):
+        problems.append("DIMSEServiceProvider.msg_queue is not a queue.Queue whose put() notifies not_empty")
+    recv = _original_recv.__code__
+    if not {"socket", "recv", "extend"} <= set(recv.co_names) or recv.co_varnames[:2] != ("self", "nr_bytes"):
+        problems.append("AssociationSocket.recv does not read nr_bytes with socket.recv")
     if problems:
         raise ImportError(
             f"pynetdicom {pynetdicom.__version__}: {'; '.join(problems)}. dcbnode.net.wire was "
@@ -439,6 +541,8 @@ def install() -> None:
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
     pynetdicom.dul.time = _DUL_TIME  # type: ignore[assignment]
+    pynetdicom.association.time = _ASSOCIATION_TIME  # type: ignore[assignment]
+    pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     for name in _PDATA_ACTIONS:
         description, function, next_state = pynetdicom.fsm.ACTIONS[name]
         if not hasattr(function, "dcbnode_wrapped"):
