@@ -8,7 +8,7 @@ are spliced back later without any per-element rebuild; other encodings are re-e
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
@@ -213,6 +214,25 @@ def encode_little_endian(dataset: Dataset, *, implicit_vr: bool = False) -> byte
 def parse_explicit_le(data: bytes) -> Dataset:
     """Parse Explicit VR Little Endian dataset bytes (a stored header or suffix)."""
     return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+
+
+def raw_values(dataset: Dataset, tags: Sequence[int]) -> tuple[bytes | str | None, ...] | None:
+    """The undecoded values of ``tags`` in ``dataset`` (None for an absent one; as text for one pydicom
+    decoded already, e.g. Specific Character Set or a UID read before), or None if one holds another kind
+    of decoded value.  Equal tuples (within one transfer syntax) decode to equal values: a key for caching
+    what is derived from them, which spares pydicom's per-value conversions on every instance of a series.
+    """
+    values: list[bytes | str | None] = []
+    for tag in tags:
+        element = dataset._dict.get(tag)
+        value = None if element is None else element.value
+        if value is None or isinstance(element, RawDataElement) or isinstance(value, str):
+            values.append(value)
+        elif isinstance(value, (list, MultiValue)) and all(isinstance(item, str) for item in value):
+            values.append("\\".join(value))
+        else:
+            return None
+    return tuple(values)
 
 
 def instance_number(dataset: Dataset) -> int | None:

@@ -7,6 +7,7 @@ node's C-STORE SCP and ``dcbnode-admin import``: one code path for every way dat
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,9 +18,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian
 
-from .dataset_split import SplitDataset, instance_number, slice_position, split_dataset
+from .dataset_split import SplitDataset, instance_number, raw_values, slice_position, split_dataset
 from .dictionary import FAST_ZSTD_LEVEL, SharedDictionary, codestream_header, pack_dictionary, strip_codestream
 from .errors import (
     CorruptRecordError,
@@ -191,6 +193,38 @@ def _image_attribute(dataset: Dataset, keyword: str, default: int | None = None)
         raise InvalidDatasetError(f"{keyword} is not a number") from exc
 
 
+#: The attributes :func:`_base_image_info` and the expected Pixel Data length are derived from.
+_IMAGE_TAGS = tuple(Tag(keyword) for keyword in (
+    "NumberOfFrames", "PhotometricInterpretation", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "PlanarConfiguration"))
+_IMAGE_CACHE_SIZE = 256
+_image_cache: dict[tuple, tuple[ImageInfo, int]] = {}
+_image_cache_lock = threading.Lock()
+
+
+def _image_info(split: SplitDataset, pixel: RawDataElement) -> tuple[ImageInfo, int]:
+    """:func:`_base_image_info` and the length native Pixel Data must have, reused for the next instance
+    whose attributes are byte for byte the same (the slices of a series nearly always are)."""
+    raw = raw_values(split.dataset, _IMAGE_TAGS)
+    key = None if raw is None else (*raw, str(split.transfer_syntax), int(pixel.tag), pixel.VR,
+                                    pixel.length == 0xFFFFFFFF)
+    with _image_cache_lock:
+        cached = _image_cache.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    image = _base_image_info(split, pixel)
+    if image.rows < 1 or image.columns < 1:
+        raise InvalidDatasetError("Rows and Columns must be positive for pixel data")
+    # Native data only: encapsulated data has no length its attributes require.
+    result = image, 0 if pixel.length == 0xFFFFFFFF else _expected_length(split.dataset)
+    if key is not None:
+        with _image_cache_lock:
+            if len(_image_cache) >= _IMAGE_CACHE_SIZE:
+                _image_cache.clear()
+            _image_cache[key] = result
+    return result
+
+
 def _base_image_info(split: SplitDataset, pixel: RawDataElement) -> ImageInfo:
     dataset = split.dataset
     frames = _image_attribute(dataset, "NumberOfFrames", 1)
@@ -233,24 +267,21 @@ def _encode_pixels(
     pixel = split.pixel_element
     if pixel is None:
         return None, [], {}
-    image = _base_image_info(split, pixel)
-    if image.rows < 1 or image.columns < 1:
-        raise InvalidDatasetError("Rows and Columns must be positive for pixel data")
+    image, expected_length = _image_info(split, pixel)
     if pixel.length == 0xFFFFFFFF:
         return _encode_encapsulated(split, image, pixel.value or b"")
-    return _encode_native(split, image, pixel.value or b"", defer_compression)
+    return _encode_native(split, image, pixel.value or b"", expected_length, defer_compression)
 
 
 # -- native pixel data ----------------------------------------------------------------------------------
 
 
 def _encode_native(
-    split: SplitDataset, image: ImageInfo, value: bytes, defer_compression: bool
+    split: SplitDataset, image: ImageInfo, value: bytes, expected: int, defer_compression: bool
 ) -> tuple[ImageInfo, list[tuple[str, bytes]], dict[str, bytes]]:
     dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
     if split.transfer_syntax == ExplicitVRBigEndian:
         value = _little_endian(value, image)
-    expected = _expected_length(split.dataset)
     _check_length(value, expected)
     if dtype is None:  # 1-bit: frames are not byte aligned, keep the whole value as one blob
         return replace(image, packed=True), [(Codec.ZSTD, zstd_compress(value))], {}

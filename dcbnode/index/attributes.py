@@ -7,10 +7,10 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+
+from ..dcbs.dataset_split import raw_values
 
 
 def fold_name(name: str) -> str:
@@ -88,7 +88,7 @@ class LevelAttributeCache:
     def attributes(self, dataset: Dataset) -> IndexAttributes:
         """:func:`index_attributes` of ``dataset``, reusing the level attributes of an earlier instance
         whose level elements were byte for byte the same."""
-        key = _raw_level_values(dataset)
+        key = raw_values(dataset, _LEVEL_TAGS)
         with self._lock:
             cached = self._entries.get(key) if key is not None else None
             if cached is not None:
@@ -102,22 +102,6 @@ class LevelAttributeCache:
                         self._entries.popitem(last=False)
             return attributes
         return replace(cached, **_instance_level(dataset))
-
-
-def _raw_level_values(dataset: Dataset) -> tuple[bytes | str | None, ...] | None:
-    """The undecoded values of the level elements (as text those pydicom decoded already: the validated
-    UIDs, Specific Character Set), or None if one holds something else (no key then)."""
-    values: list[bytes | str | None] = []
-    for tag in _LEVEL_TAGS:
-        element = dataset._dict.get(tag)
-        value = None if element is None else element.value
-        if value is None or isinstance(element, RawDataElement) or isinstance(value, str):
-            values.append(value)
-        elif isinstance(value, (list, MultiValue)) and all(isinstance(item, str) for item in value):
-            values.append("\\".join(value))
-        else:
-            return None
-    return tuple(values)
 
 
 def _instance_level(dataset: Dataset) -> dict[str, str | int | None]:
