@@ -162,32 +162,27 @@ def _write_generation(volume: Volume, target: Path, dictionaries: list[RecordEnt
     live = sorted(live, key=lambda s: s.location.offset)
     replacement = _replacement_dictionary(volume, dictionaries, live)
 
-    def write(fd: int, position: int) -> dict[str, RecordLocation]:
-        locations: dict[str, RecordLocation] = {}
+    def write_dictionaries(fd: int) -> int:
         if replacement is not None:
-            old, new, block = replacement
-            position += _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block), new.id), block)
-        for entry in dictionaries if replacement is None else ():
+            _, new, block = replacement
+            return _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block), new.id), block)
+        for entry in dictionaries:
             read_dictionary(volume, entry.location.offset)  # checked like every record copied
             _copy(volume, fd, entry.location)
-            position += entry.location.length
-        for stored in live:
-            for _ in stored.iter_frames():  # never copy a damaged record into the new generation
-                pass
-            record_header, block = volume.read_meta(stored.location.offset)
-            if replacement is not None and record_header.layout == MetaLayout.COMPACT \
-                    and record_header.dictionary_id == old.id:
-                length = _recompressed(volume, fd, stored.location, record_header, old.decompress(block), new)
-            else:
-                _copy(volume, fd, stored.location)
-                length = stored.location.length
-            locations[stored.meta.sop_instance_uid] = RecordLocation(position, length)
-            position += length
-            if pause:
-                pause("copying")
-        return locations
+        return sum(entry.location.length for entry in dictionaries)
 
-    return _write_file(volume, target, write, pause)
+    def write_record(fd: int, stored: StoredInstance) -> int:
+        for _ in stored.iter_frames():  # never copy a damaged record into the new generation
+            pass
+        record_header, block = volume.read_meta(stored.location.offset)
+        if replacement is not None and record_header.layout == MetaLayout.COMPACT \
+                and record_header.dictionary_id == replacement[0].id:
+            old, new, _ = replacement
+            return _recompressed(volume, fd, stored.location, record_header, old.decompress(block), new)
+        _copy(volume, fd, stored.location)
+        return stored.location.length
+
+    return _write_file(volume, target, live, write_dictionaries, write_record, pause)
 
 
 def _write_reencoded(volume: Volume, target: Path, dictionaries: list[RecordEntry], live: list[StoredInstance],
@@ -195,41 +190,45 @@ def _write_reencoded(volume: Volume, target: Path, dictionaries: list[RecordEntr
     """Write every live record of ``volume`` re-encoded (see :func:`~dcbnode.dcbs.instance.reencoded`) into
     ``target``, after a dictionary made from the first of them; returns the new locations by UID.
 
-    One record is in memory at a time.  Each is checked before it is written: its frames were verified
-    lossless by the encoder, and its metadata must read back as it was.
+    At most two records are in memory at a time (the first, which the dictionary is made from, is kept
+    until it is written).  Each is checked before it is written: its frames were verified lossless by
+    the encoder, and its metadata must read back as it was (``EncodedInstance.record``).
     """
     live = sorted(live, key=lambda s: s.location.offset)
+    first = [reencoded(live[0])]
+    block = first[0].dictionary_candidate()
+    dictionary = unpack_dictionary(block, crc32(block))
 
-    def write(fd: int, position: int) -> dict[str, RecordLocation]:
-        locations: dict[str, RecordLocation] = {}
-        dictionary: SharedDictionary | None = None
+    def write_dictionary(fd: int) -> int:
+        return _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block), dictionary.id), block)
+
+    def write_record(fd: int, stored: StoredInstance) -> int:
+        encoded = first.pop() if first else reencoded(stored)
+        return _write_encoded(fd, encoded, dictionary)
+
+    return _write_file(volume, target, live, write_dictionary, write_record, pause)
+
+
+def _write_file(volume: Volume, target: Path, live: list[StoredInstance], write_dictionaries: Callable[[int], int],
+                write_record: Callable[[int, StoredInstance], int],
+                pause: Callable[[str], None] | None) -> dict[str, RecordLocation]:
+    """Create ``target`` (a new generation of ``volume``) durably: the file header, the dictionary records
+    (``write_dictionaries(fd)`` returns the bytes it wrote), then each of ``live`` by
+    ``write_record(fd, record)`` (likewise), into a hidden temporary file that is linked into place once
+    fsynced.  Returns the new location of each record by UID; ``pause("copying")`` after each."""
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    locations: dict[str, RecordLocation] = {}
+    try:
+        header = pack_file_header(volume.volume_id)
+        os.write(fd, header)
+        position = len(header) + write_dictionaries(fd)
         for stored in live:
-            encoded = reencoded(stored)
-            if dictionary is None:
-                block = encoded.dictionary_candidate()
-                dictionary = unpack_dictionary(block, crc32(block))
-                position += _write_record(fd, RecordHeader(RecordKind.DICTIONARY, len(block), len(block),
-                                                           dictionary.id), block)
-            length = _write_encoded(fd, encoded, dictionary)
+            length = write_record(fd, stored)
             locations[stored.meta.sop_instance_uid] = RecordLocation(position, length)
             position += length
             if pause:
                 pause("copying")
-        return locations
-
-    return _write_file(volume, target, write, pause)
-
-
-def _write_file(volume: Volume, target: Path, write: Callable[[int, int], dict[str, RecordLocation]],
-                pause: Callable[[str], None] | None) -> dict[str, RecordLocation]:
-    """Create ``target`` (a new generation of ``volume``) durably: the file header, then ``write(fd,
-    position)``'s records, written to a hidden temporary file that is linked into place once fsynced."""
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    try:
-        header = pack_file_header(volume.volume_id)
-        os.write(fd, header)
-        locations = write(fd, len(header))
         os.fsync(fd)
         os.close(fd)
         fd = -1
