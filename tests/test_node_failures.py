@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -194,3 +195,42 @@ def test_sighup_reloads_allowed_calling_aets(running_node):
     assoc.release()
     assert _associate(node, "THIRD", node.aet).is_rejected
     assert stop_node(node) == 0
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A 3 MiB tmpfs under ``tmp_path``, for a disk that fills up (mounting needs root, as in CI)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("compression", ["deferred", "inline"])
+def test_full_disk_answers_out_of_resources_and_keeps_what_was_acknowledged(running_node, small_filesystem,
+                                                                           compression):
+    data_dir = small_filesystem / "data"
+    node = running_node(data_dir=data_dir, compression=compression, compression_delay=600.0)
+    sent = [_ct() for _ in range(260)]  # 10 MB uncompressed, 4 MB compressed: more than the 3 MiB disk holds
+    statuses = [int(status.Status) for status in scu_store(node, sent)]
+    stored = [ds for ds, code in zip(sent, statuses, strict=True) if code == 0x0000]
+    assert 0xA700 in statuses and stored, statuses
+    assert set(statuses) <= {0x0000, 0xA700}, statuses
+    assert "storage is full" in node.log()
+    # Room again: the node stores the next one without a restart.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)
+    late = _ct()
+    assert int(scu_store(node, [late])[0].Status) == 0x0000
+    assert stop_node(node) == 0
+    archive = read_back(data_dir)
+    try:
+        assert indexed_count(archive) == len(stored) + 1
+        for ds in [*stored, late]:
+            rebuilt = pydicom.dcmread(BytesIO(rebuilt_part10(archive, str(ds.SOPInstanceUID))))
+            assert rebuilt.PixelData == ds.PixelData and rebuilt.SOPInstanceUID == ds.SOPInstanceUID
+    finally:
+        archive.close()

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..dcbs import (
     DcbsError,
@@ -23,6 +23,7 @@ from ..dcbs import (
     RecordLocation,
     StoredInstance,
     Volume,
+    VolumeFullError,
     VolumeNotFoundError,
     VolumeReplacedError,
     append_instance,
@@ -32,6 +33,7 @@ from ..dcbs import (
 from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
 from ..index.attributes import LevelAttributeCache
+from ..index.database import is_disk_full
 from ..index.writer import (
     LevelCache,
     RecordPlacement,
@@ -220,6 +222,10 @@ class Archive:
                 if duplicate is not None:
                     return duplicate
                 # ... and deleted again since: store it after all
+            except DBAPIError as exc:  # the record was cut back; a full disk is not a fault of ours
+                if is_disk_full(exc):
+                    raise VolumeFullError(f"index database: {exc.orig}") from exc
+                raise
         else:
             raise DcbsError(f"SOP Instance {parsed.sop_instance_uid} kept appearing and disappearing in the "
                             "index while it was being stored")

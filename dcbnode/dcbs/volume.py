@@ -264,7 +264,9 @@ class Volume:
                 os.fdatasync(self._fd)
         except OSError as exc:
             self._cut(start)
-            raise self._append_error(exc) from exc
+            if (full := self._full_error(exc)) is not None:
+                raise full from exc
+            raise
         location = RecordLocation(start, position - start)
         try:
             result = None if callback is None else callback(location, self._waiter(sync))
@@ -286,15 +288,17 @@ class Volume:
                 try:
                     sync.wait()
                 except OSError as exc:
-                    raise self._append_error(exc) from exc
+                    if (full := self._full_error(exc)) is not None:
+                        raise full from exc
+                    raise
 
         return wait_durable
 
-    def _append_error(self, exc: OSError) -> Exception:
-        """The error to raise for a failed write or fsync (VolumeFullError when the disk is full)."""
+    def _full_error(self, exc: OSError) -> VolumeFullError | None:
+        """The VolumeFullError to raise for a write or fsync that failed because the disk is full, else None."""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return VolumeFullError(f"{self.path}: cannot append: {exc.strerror}")
-        return exc
+        return None
 
     def _write_all(self, data: bytes | memoryview, position: int) -> int:
         view = memoryview(data)

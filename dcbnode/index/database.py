@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Base
@@ -24,6 +26,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+#: PostgreSQL's SQLSTATE for "disk_full" (Appendix A of its manual).
+_PG_DISK_FULL = "53100"
+
+
+def is_disk_full(exc: DBAPIError) -> bool:
+    """Whether a database error means the database's disk (or quota) is full."""
+    driver_error = exc.orig
+    return (getattr(driver_error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or getattr(driver_error, "sqlstate", None) == _PG_DISK_FULL)
 
 
 class Index:
