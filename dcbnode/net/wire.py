@@ -368,11 +368,16 @@ def _wakeup_fd(dul: DULServiceProvider) -> int:
     return fd
 
 
-class _DulTime:
-    """What the name ``time`` means inside ``pynetdicom.dul``: the ``time`` module, but for ``sleep``."""
+class _TimeModule:
+    """The ``time`` module but for ``sleep``, which a subclass defines: what the name ``time`` means
+    inside a pynetdicom module whose idle waits are replaced here."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
+
+
+class _DulTime(_TimeModule):
+    """``time`` inside ``pynetdicom.dul``."""
 
     @staticmethod
     def sleep(seconds: float) -> None:
@@ -439,11 +444,8 @@ def _await_message(assoc: pynetdicom.association.Association, seconds: float) ->
             messages.not_empty.notify()
 
 
-class _AssociationTime:
-    """What the name ``time`` means inside ``pynetdicom.association``: the ``time`` module, but for ``sleep``."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
+class _AssociationTime(_TimeModule):
+    """``time`` inside ``pynetdicom.association``."""
 
     @staticmethod
     def sleep(seconds: float) -> None:
