@@ -89,8 +89,10 @@ class Compressor:
         except CompressionStopped:
             self.archive.pending.note(stem)  # the index still marks it: the next start does it
             return 0
-        except (DcbsError, OSError) as exc:
-            log.error("compressing %s failed, retrying in %.0f s: %s", path, RETRY_SECONDS, exc)
+        except Exception as exc:  # a full disk, a volume that needs a reindex first, or a bug: later again
+            expected = isinstance(exc, (DcbsError, OSError))
+            log.error("compressing %s failed, retrying in %.0f s: %s", path, RETRY_SECONDS, exc,
+                      exc_info=not expected)
             self._failed[stem] = time.monotonic() + RETRY_SECONDS
             return 0
         if result is None:
