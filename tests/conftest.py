@@ -269,3 +269,16 @@ def scu_store(node: RunningNode, datasets: list[Any], *, calling_aet: str = "PYS
         return [assoc.send_c_store(ds) for ds in loaded]
     finally:
         assoc.release()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs under ``tmp_path``, for a disk that fills up (mounting needs root, as in CI)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -22,7 +23,7 @@ from dcbnode.archive import Archive, volume_path_for
 from dcbnode.archive.compaction import compactable_volumes
 from dcbnode.archive.compressor import Compressor
 from dcbnode.archive.recovery import recover
-from dcbnode.dcbs import Volume, append_instance, available_syntaxes, parse_instance, rebuild
+from dcbnode.dcbs import Volume, VolumeFullError, append_instance, available_syntaxes, parse_instance, rebuild
 from dcbnode.dcbs.record import Codec
 from dcbnode.index.writer import compression_pending
 
@@ -228,5 +229,36 @@ def test_node_compresses_quiet_series_and_survives_a_kill_mid_compression(tmp_pa
             original.file_meta.SourceApplicationEntityTitle = received.file_meta.SourceApplicationEntityTitle
             assert element_differences(original, received) == []
             assert pixels_equal(original, received)
+    finally:
+        archive.close()
+
+
+def test_compression_on_a_full_disk_leaves_the_volume_and_retries(small_filesystem: Path, tmp_path: Path) -> None:
+    """The compressed generation is written beside the uncompressed one: with no room for it the
+    compaction fails, the volume and its mark stay as they were, and a later round compresses it."""
+    files = _series_copies("CT_small.dcm", 60, tmp_path / "in")  # 2.3 MB uncompressed, 0.9 MB compressed
+    archive = _archive(small_filesystem / "data")
+    try:
+        stored = 0
+        for path in files:
+            try:
+                archive.store(path.read_bytes(), defer_compression=True)
+                stored += 1
+            except VolumeFullError:
+                break
+        (volume,) = (small_filesystem / "data" / "volumes").rglob("*.dcbs")
+        before = volume.read_bytes()
+        compressor = Compressor(archive, delay=0)
+        assert compressor.run_once() == 0  # ENOSPC while writing the new generation
+        assert volume.read_bytes() == before
+        assert [p.name for p in volume.parent.iterdir()] == [volume.name]
+        with archive.index.engine.connect() as connection:
+            assert len(compression_pending(connection)) == 1
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)
+        compressor._failed = dict.fromkeys(compressor._failed, 0.0)  # its retry is due (a minute later)
+        compressor._retry_failed()
+        assert compressor.run_once() == 1
+        assert all(_codecs(archive, read(p.read_bytes()).SOPInstanceUID) == {Codec.HTJ2K_SHARED}
+                   for p in files[:stored])
     finally:
         archive.close()

@@ -197,19 +197,6 @@ def test_sighup_reloads_allowed_calling_aets(running_node):
     assert stop_node(node) == 0
 
 
-@pytest.fixture
-def small_filesystem(tmp_path: Path):
-    """A 3 MiB tmpfs under ``tmp_path``, for a disk that fills up (mounting needs root, as in CI)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.parametrize("compression", ["deferred", "inline"])
 def test_full_disk_answers_out_of_resources_and_keeps_what_was_acknowledged(running_node, small_filesystem,
                                                                            compression):
