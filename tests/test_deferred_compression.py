@@ -262,3 +262,33 @@ def test_compression_on_a_full_disk_leaves_the_volume_and_retries(small_filesyst
                    for p in files[:stored])
     finally:
         archive.close()
+
+
+def test_a_store_racing_a_compaction_goes_into_the_new_generation(tmp_path: Path) -> None:
+    """A store looks the series' volume up in the index, then compaction commits the next generation
+    and unlinks the old file, then the store opens the path it looked up.  It must not create that file
+    again beside the new generation (the series would be split over two files, and the second one never
+    compressed): it looks again and appends to the new generation."""
+    first, second = _series_copies("CT_small.dcm", 2, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        archive.store(first.read_bytes(), defer_compression=True)
+        archive._generations.clear()  # as in a fresh process: the next store asks the index
+        looked_up = archive._current_generation
+        raced = []
+
+        def current_generation_then_compaction(relative: str) -> tuple[str, bool]:
+            answer = looked_up(relative)
+            if not raced:
+                raced.append(Compressor(archive, delay=0).run_once())
+            return answer
+
+        archive._current_generation = current_generation_then_compaction  # type: ignore[method-assign]
+        archive.store(second.read_bytes(), defer_compression=True)
+        assert raced == [1]
+        volumes = sorted(p.name for p in (tmp_path / "data" / "volumes").rglob("*.dcbs"))
+        assert len(volumes) == 1 and ".g2." in volumes[0], volumes
+        assert _codecs(archive, read(second.read_bytes()).SOPInstanceUID) == {Codec.RAW}
+        assert Compressor(archive, delay=0).run_once() == 1
+    finally:
+        archive.close()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from conftest import indexed_count, read_back, rebuilt_part10, stop_node
+from conftest import indexed_count, read_back, rebuilt_part10, stop_node, wait_until
 from faithful import ct_series, element_differences, pixels_equal, read
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -21,7 +21,7 @@ def _series(count: int, series_uid: str, study_uid: str) -> list[pydicom.Dataset
     return ct_series(count, series_uid=series_uid, study_uid=study_uid)
 
 
-def _send(node, datasets, acknowledged: list[str], calling_aet: str, errors: list[str]) -> None:
+def _send(node, datasets, acknowledged: list[str], calling_aet: str, errors: list[str], pause: float = 0.0) -> None:
     ae = AE(ae_title=calling_aet)
     # Short timeouts: after the kill -9 the SCU must notice the dead peer quickly.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
@@ -31,7 +31,9 @@ def _send(node, datasets, acknowledged: list[str], calling_aet: str, errors: lis
         errors.append(f"{calling_aet}: not established")
         return
     try:
-        for ds in datasets:
+        for number, ds in enumerate(datasets):
+            if pause and number % 2:
+                time.sleep(pause)  # let the series go quiet for a moment
             status = assoc.send_c_store(ds)
             if "Status" in status and status.Status == 0:
                 acknowledged.append(str(ds.SOPInstanceUID))
@@ -73,6 +75,49 @@ def test_eight_concurrent_associations_interleaved_series(database_url, running_
     archive = read_back(node.data_dir, database_url)
     assert indexed_count(archive) == 48
     archive.close()
+
+
+def test_deferred_compression_interleaved_with_eight_associations(database_url, running_node):
+    """Series compressed while their instances still arrive: the compressions (new generations) race the
+    appends of eight associations.  Every instance ends up stored once, compressed and bit-exact."""
+    node = running_node(max_associations=10, database_url=database_url, compression_delay=0.05)
+    study = pydicom.uid.generate_uid()
+    series = [_series(12, pydicom.uid.generate_uid(), study) for _ in range(4)]
+    jobs = [(s[parity::2], f"SCU{i}") for i, (s, parity) in enumerate((s, p) for s in series for p in (0, 1))]
+    acknowledged: list[str] = []
+    errors: list[str] = []
+    threads = [threading.Thread(target=_send, args=(node, ds, acknowledged, aet, errors, 0.15)) for ds, aet in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    every = [str(ds.SOPInstanceUID) for s in series for ds in s]
+    assert sorted(acknowledged) == sorted(every)
+
+    def compressed() -> bool:
+        archive = read_back(node.data_dir, database_url)
+        try:
+            return len(archive.pending) == 0
+        finally:
+            archive.close()
+
+    assert wait_until(compressed, timeout=60), node.log()[-3000:]
+    assert stop_node(node) == 0
+    assert node.log().count("compressed volumes/") >= 5, "compression did not interleave with the ingest"
+    assert sorted(_live_counts(node.data_dir).values()) == [12, 12, 12, 12]  # one file per series
+    archive = read_back(node.data_dir, database_url)
+    try:
+        assert indexed_count(archive) == 48
+        for aet, ds in ((aet, ds) for sent, aet in jobs for ds in sent):
+            with archive.open_instance(str(ds.SOPInstanceUID)) as stored:
+                assert {entry.codec for entry in stored.meta.frames} == {"htj2k-shared"}
+            rebuilt = read(rebuilt_part10(archive, str(ds.SOPInstanceUID)))
+            ds.file_meta.SourceApplicationEntityTitle = aet
+            assert element_differences(ds, rebuilt) == []
+            assert pixels_equal(ds, rebuilt)
+    finally:
+        archive.close()
 
 
 def test_kill_9_during_ingest_keeps_every_acknowledged_instance(database_url, running_node):

@@ -321,9 +321,10 @@ class Archive:
 
         Compaction turns ``<hash>.dcbs`` into ``<hash>.g2.dcbs`` and so on; later appends must go
         there, not into a new first generation beside it.  The index decides (compaction moves the
-        volume row in the transaction that moves the instances).  A remembered path whose file is gone
-        means compaction replaced it since: it is looked up again rather than created; a path just
-        read from the index (or a volume it does not know yet) is created if missing.
+        volume row in the transaction that moves the instances).  Only a volume the index does not know
+        at all is created if missing.  A known path whose file is gone means compaction replaced it
+        since — even one just read from the index, which compaction may have committed past before the
+        file is opened: it is looked up again, never created anew beside the new generation.
         """
         stem = volume_stem(relative)
         with self._generations_lock:
@@ -335,7 +336,7 @@ class Archive:
         current = max(known, key=volume_generation) if known else relative
         with self._generations_lock:
             self._generations[stem] = current
-        return current, True
+        return current, not known
 
     # -- retrieval -------------------------------------------------------------------------------------
 
