@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dcbnode.archive import Archive, volume_path_for
+from dcbnode.archive.compaction import compact_volume
 from dcbnode.archive.recovery import recover, reindex
 from dcbnode.dcbs import RecordKind, Volume, VolumeReplacedError, append_instance, encode_instance, rebuild
 
@@ -50,18 +51,27 @@ def test_append_to_an_unlinked_volume_is_refused(tmp_path: Path) -> None:
             append_instance(volume, encode_instance(_ct_copy()))
 
 
-def test_store_reopens_a_volume_replaced_under_the_pool(archive: Archive) -> None:
+def test_store_reopens_a_volume_replaced_under_the_pool(archive: Archive, tmp_path: Path) -> None:
     series = generate_uid()
     first = _ct_copy(series)
-    archive.store(first)
-    # What compaction does last: the file the pool holds open disappears from its path.
-    os.unlink(archive.volume_file(volume_path_for(series)))
+    archive.store(first, defer_compression=True)
+    # Another process (dcbnode-admin compact) compresses the volume: it moves the index to the next
+    # generation and unlinks the file this archive's pool still holds open.
+    other = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}")
+    try:
+        assert compact_volume(other, archive.volume_file(volume_path_for(series))) is not None
+    finally:
+        other.close()
     second = _ct_copy(series)
     result = archive.store(second)
-    assert archive.volume_file(volume_path_for(series)).exists()
-    original, rebuilt = read(second), read(_retrieve(archive, result.sop_instance_uid))
-    assert element_differences(original, rebuilt) == []
-    assert pixels_equal(original, rebuilt)
+    assert not archive.volume_file(volume_path_for(series)).exists()  # not created again beside g2
+    (volume,) = (tmp_path / "data" / "volumes").rglob("*.dcbs")
+    assert ".g2." in volume.name
+    for data in (first, second):
+        original, rebuilt = read(data), read(_retrieve(archive, read(data).SOPInstanceUID))
+        assert element_differences(original, rebuilt) == []
+        assert pixels_equal(original, rebuilt)
+    assert result.outcome.value == "stored"
 
 
 def test_recovery_indexes_a_record_that_never_reached_the_index(archive: Archive, tmp_path: Path) -> None:

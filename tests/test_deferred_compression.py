@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import HTJ2KLossless, generate_uid
 
 from dcbnode.archive import Archive, volume_path_for
-from dcbnode.archive.compaction import compactable_volumes
+from dcbnode.archive.compaction import compact_volume, compactable_volumes
 from dcbnode.archive.compressor import Compressor
 from dcbnode.archive.recovery import recover
 from dcbnode.dcbs import Volume, VolumeFullError, append_instance, available_syntaxes, parse_instance, rebuild
@@ -290,5 +290,25 @@ def test_a_store_racing_a_compaction_goes_into_the_new_generation(tmp_path: Path
         assert len(volumes) == 1 and ".g2." in volumes[0], volumes
         assert _codecs(archive, read(second.read_bytes()).SOPInstanceUID) == {Codec.RAW}
         assert Compressor(archive, delay=0).run_once() == 1
+    finally:
+        archive.close()
+
+
+def test_the_index_marks_a_volume_whenever_its_file_holds_raw_frames(tmp_path: Path) -> None:
+    """A store between the compressor taking a series and compacting it notes the series again; the
+    compaction clears the index's mark with the old file, so the first raw record in the new
+    generation must mark it again (else a crash would leave it uncompressed until the nightly run)."""
+    first, second, third = _series_copies("CT_small.dcm", 3, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        archive.store(first.read_bytes(), defer_compression=True)
+        (stem,) = archive.pending.take_idle(0.0)  # the compressor takes the series...
+        archive.store(second.read_bytes(), defer_compression=True)  # ...a store comes in between...
+        assert compact_volume(archive, archive.current_volume_file(stem)) is not None  # ...then it compresses
+        with archive.index.engine.connect() as connection:
+            assert compression_pending(connection) == []
+        archive.store(third.read_bytes(), defer_compression=True)  # raw, into the new generation
+        with archive.index.engine.connect() as connection:
+            assert compression_pending(connection) == [stem]
     finally:
         archive.close()

@@ -105,15 +105,35 @@ class StoreResult:
 
 
 class PendingVolumes:
-    """Volumes holding raw frames (compression deferred), by volume stem, with when each last got one.
+    """Volumes holding raw frames (compression deferred), by volume stem, with when each last got one;
+    and which volume files this process has marked in the index.
 
-    The index keeps the same set durably (``pending_compression``); this copy spares ingest a lookup
-    per instance and tells the compressor which series have gone quiet.
+    The index keeps the set durably (``pending_compression``, by stem).  The marks are remembered per
+    *file* (generation): compaction clears a volume's mark when it replaces the file, and the first raw
+    record that reaches the next generation marks the volume again.  So ingest looks nothing up per
+    instance, and the index's mark is never missing while a file holds raw frames.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_store: dict[str, float] = {}
+        self._marked: set[str] = set()
+
+    def needs_mark(self, relative: str) -> bool:
+        """Whether a raw record stored into the volume file ``relative`` must mark it in the index."""
+        with self._lock:
+            return relative not in self._marked
+
+    def marked(self, relative: str) -> None:
+        """The index marks the volume file ``relative`` (committed)."""
+        with self._lock:
+            self._marked.add(relative)
+
+    def unmarked(self, relative: str) -> None:
+        """Compaction cleared the index's mark of the volume file ``relative`` (it replaced the file, or
+        found no raw frames in it); called while it still holds the volume's lock."""
+        with self._lock:
+            self._marked.discard(relative)
 
     def __contains__(self, stem: str) -> bool:
         with self._lock:
@@ -262,9 +282,8 @@ class Archive:
                                     location.length, meta.received_syntax, source_ae_title[:16])
         assert encoded.dataset is not None  # a received instance
         attributes = self.attribute_cache.attributes(encoded.dataset)
-        # The volume is marked pending in the index once per process run; the compressor unmarks it
-        # before it compresses the volume (PendingVolumes.take_idle), so a later store marks it again.
-        stem = volume_stem(relative) if has_raw_frames(meta) and volume_stem(relative) not in self.pending else None
+        # Marked in the index by the first raw record of each volume file (see PendingVolumes).
+        mark = has_raw_frames(meta) and self.pending.needs_mark(relative)
         for attempt in range(_INDEX_ATTEMPTS):
             try:
                 with self.index.session() as session:
@@ -276,9 +295,11 @@ class Archive:
                         current = None
                     else:
                         raise _DuplicateFound
-                    if stem is not None:
-                        mark_compression_pending(session, stem)
+                    if mark:
+                        mark_compression_pending(session, volume_stem(relative))
                     wait_durable()  # the commit (leaving the block) must not come before the fsync
+                if mark:
+                    self.pending.marked(relative)
                 return current[0] if current is not None else None
             except IntegrityError:
                 # Two stores created the same patient/study/series row at once (the loser retries and

@@ -99,6 +99,7 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
             if len(live) == len(entries) and not reencode:
                 with archive.index.session() as session:  # e.g. compressed by another process meanwhile
                     clear_compression_pending(session, volume_stem(old_relative))
+                archive.pending.unmarked(old_relative)
                 return None
             old_offsets = {uid: s.location.offset for uid, s in live.items()}
             _check_index_agrees(archive, old_relative, old_offsets)
@@ -121,6 +122,7 @@ def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None]
             pause("committed")
         path.unlink()
         fsync_directory(path.parent)
+        archive.pending.unmarked(old_relative)
     finally:
         os.close(lock_fd)  # releases the flock
     archive.volumes.forget(path)
