@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
@@ -310,5 +311,43 @@ def test_the_index_marks_a_volume_whenever_its_file_holds_raw_frames(tmp_path: P
         archive.store(third.read_bytes(), defer_compression=True)  # raw, into the new generation
         with archive.index.engine.connect() as connection:
             assert compression_pending(connection) == [stem]
+    finally:
+        archive.close()
+
+
+def test_a_volume_another_compaction_replaced_is_skipped(tmp_path: Path) -> None:
+    """``dcbnode-admin compact`` lists the volumes, then the node's compressor replaces one of them
+    before the admin gets to it: that one is skipped, not a failure."""
+    (path,) = _series_copies("CT_small.dcm", 1, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        archive.store(path.read_bytes(), defer_compression=True)
+        (listed,) = compactable_volumes(archive)
+        assert Compressor(archive, delay=0).run_once() == 1  # the node's compressor, first
+        assert not listed.exists()
+        assert compact_volume(archive, listed) is None
+    finally:
+        archive.close()
+
+
+def test_a_compaction_waiting_for_another_on_the_same_volume_skips_it(tmp_path: Path) -> None:
+    files = _series_copies("CT_small.dcm", 3, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        for path in files:
+            archive.store(path.read_bytes(), defer_compression=True)
+        (volume,) = compactable_volumes(archive)
+        second: list[object] = []
+        waiter = threading.Thread(target=lambda: second.append(compact_volume(archive, volume)))
+
+        def first_pauses(step: str) -> None:
+            if step == "copying" and not waiter.is_alive() and not second:
+                waiter.start()  # it opens the volume and waits for the lock this compaction holds
+                wait_until(lambda: False, timeout=0.3)
+
+        assert compact_volume(archive, volume, pause=first_pauses) is not None
+        waiter.join(30)
+        assert second == [None]
+        assert len(list((tmp_path / "data" / "volumes").rglob("*.dcbs"))) == 1
     finally:
         archive.close()

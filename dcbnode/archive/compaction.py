@@ -80,14 +80,21 @@ def needs_compaction(path: Path) -> bool:
 
 
 def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None] | None = None) -> CompactResult | None:
-    """Rewrite one volume without its dead records (see the module docstring); None if nothing to do.
+    """Rewrite one volume without its dead records (see the module docstring); None if nothing to do,
+    or if another compaction (the node's compressor, another ``dcbnode-admin compact``) replaced the
+    volume first.
 
     ``pause(step)`` is called between the steps (tests use it to crash at a chosen moment).
     """
     old_relative = archive.index_path(path)
-    lock_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        lock_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # replaced since it was listed
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # appenders to this volume wait until we are done
+        if os.fstat(lock_fd).st_nlink == 0:
+            return None  # replaced while we waited for the lock
         with Volume.open(path) as volume:
             entries = list(volume.records())
             dictionaries = [entry for entry in entries if entry.header.kind == RecordKind.DICTIONARY]
