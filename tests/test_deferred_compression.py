@@ -24,6 +24,7 @@ from dcbnode.archive import Archive, volume_path_for
 from dcbnode.archive.compaction import compact_volume, compactable_volumes
 from dcbnode.archive.compressor import Compressor
 from dcbnode.archive.recovery import recover
+from dcbnode.archive.verification import verify
 from dcbnode.dcbs import Volume, VolumeFullError, append_instance, available_syntaxes, parse_instance, rebuild
 from dcbnode.dcbs.record import Codec
 from dcbnode.index.writer import compression_pending
@@ -349,5 +350,27 @@ def test_a_compaction_waiting_for_another_on_the_same_volume_skips_it(tmp_path: 
         waiter.join(30)
         assert second == [None]
         assert len(list((tmp_path / "data" / "volumes").rglob("*.dcbs"))) == 1
+    finally:
+        archive.close()
+
+
+def test_verify_while_the_node_compresses_reports_nothing(tmp_path: Path) -> None:
+    """verify lists the volumes, the node's compressor replaces one by its next generation meanwhile:
+    the new file is checked too, and the old one, gone and no longer indexed, is no problem."""
+    files = _series_copies("CT_small.dcm", 2, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        for path in files:
+            archive.store(path.read_bytes(), defer_compression=True)
+        compressed: list[int] = []
+
+        def compress_after_the_listing(done: int, total: int) -> None:
+            if not compressed:
+                compressed.append(Compressor(archive, delay=0).run_once())
+
+        report = verify(archive, progress=compress_after_the_listing)
+        assert compressed == [1]
+        assert report.problems == []
+        assert report.volumes == 1 and report.records >= 2 * len(files)  # records of the old file and the new one
     finally:
         archive.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from ..dcbs import CorruptRecordError, DcbsError, StoredInstance, Volume
+from ..dcbs import CorruptRecordError, DcbsError, StoredInstance, Volume, VolumeNotFoundError
 from ..dcbs.dictionary import read_dictionary
 from ..dcbs.format import FILE_HEADER_SIZE, RecordKind
 from ..dcbs.record import unpack_tombstone
@@ -28,11 +28,14 @@ class VerifyReport:
     repaired: list[str] = field(default_factory=list)
 
 
-def _check_volume(path: Path, report: VerifyReport) -> tuple[dict[str, int], int]:
-    """Read every record of a volume with every checksum; returns live ``{uid: offset}`` and bytes walked."""
+def _check_volume(path: Path, report: VerifyReport) -> tuple[dict[str, int], int] | None:
+    """Read every record of a volume with every checksum; returns live ``{uid: offset}`` and bytes walked,
+    or None if the file is gone (a compaction replaced it since it was listed)."""
     live: dict[str, int] = {}
     try:
         volume = Volume.open(path)
+    except VolumeNotFoundError:
+        return None
     except DcbsError as exc:
         report.problems.append(f"{path}: {exc}")
         return live, 0
@@ -70,13 +73,24 @@ def verify(archive: Archive, progress: Progress | None = None) -> VerifyReport:
     files = volume_files(archive)
     volumes: dict[str, tuple[dict[str, int], int]] = {}
     for number, path in enumerate(files, 1):
-        volumes[archive.index_path(path)] = _check_volume(path, report)
+        if (checked := _check_volume(path, report)) is not None:
+            volumes[archive.index_path(path)] = checked
         if progress:
             progress(number, len(files))
-    report.volumes = len(files)
     with archive.index.session() as session:
         rows = session.execute(select(Instance.sop_instance_uid, VolumeRow.path, Instance.record_offset)
                                .join(VolumeRow, Instance.volume)).all()
+    # A compaction while this ran (the node compresses series in the background) moved instances to a
+    # generation that was not listed yet: check it too.  The file it replaced is gone, and no longer
+    # indexed: its copies are no stale copies.
+    indexed_paths = {path for _, path, _ in rows}
+    for path in sorted(indexed_paths - set(volumes)):
+        if (checked := _check_volume(archive.volume_file(path), report)) is not None:
+            volumes[path] = checked
+    for path in set(volumes) - indexed_paths:
+        if not archive.volume_file(path).exists():
+            del volumes[path]
+    report.volumes = len(volumes)
     indexed: set[tuple[str, str]] = set()
     indexed_in: dict[str, str] = {}
     for uid, path, offset in rows:
