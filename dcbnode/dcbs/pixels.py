@@ -177,11 +177,7 @@ def decode_frame(codec: str, data: bytes, image: ImageInfo, received_syntax: str
         return imagecodecs.htj2k_decode(data)
     if codec in (Codec.ZSTD, Codec.RAW):
         dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
-        raw = np.frombuffer(zstd_decompress(data) if codec == Codec.ZSTD else data, dtype=dtype)
-        if image.samples_per_pixel > 1 and image.planar_configuration == 1:
-            planes = raw.reshape(image.samples_per_pixel, image.rows, image.columns)
-            return planes.transpose(1, 2, 0)
-        return raw.reshape(frame_shape(image.rows, image.columns, image.samples_per_pixel))
+        return interleaved(np.frombuffer(zstd_decompress(data) if codec == Codec.ZSTD else data, dtype=dtype), image)
     return decode_with_pydicom(data, received_syntax, image, raw=not is_lossy_syntax(received_syntax))
 
 

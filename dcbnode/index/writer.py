@@ -99,10 +99,9 @@ _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bin
 #: An insert that writes nothing if the SOP Instance UID has a row, by dialect (both have ON CONFLICT).
 #: RETURNING says whether a row was written (rowcount is not reliable with RETURNING on every driver).
 _INSERT_NEW_INSTANCE = {
-    "sqlite": sqlite.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-    .returning(_INSTANCES.c.id),
-    "postgresql": postgresql.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-    .returning(_INSTANCES.c.id),
+    name: dialect.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    .returning(_INSTANCES.c.id)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
 }
 _ADVANCE = (update(_VOLUMES).where(_VOLUMES.c.id == bindparam("volume"), _VOLUMES.c.indexed_end < bindparam("end"))
             .values(indexed_end=bindparam("end")))

@@ -127,7 +127,7 @@ def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dat
     level = logging.INFO if code == 0 else logging.WARNING
     if log.isEnabledFor(level):
         log.log(level, "C-STORE from %s: %s %s [%s] status 0x%04X%s %.1f ms", calling_aet,
-                _sop_class_name(str(request.AffectedSOPClassUID)), requested_uid, syntax.name, code,
+                _sop_class_name(str(request.AffectedSOPClassUID or "")), requested_uid, syntax.name, code,
                 f" ({result.ErrorComment})" if isinstance(result, Dataset) and "ErrorComment" in result else "",
                 elapsed_ms)
     stats = getattr(event.assoc, "dcbnode_stats", None)
