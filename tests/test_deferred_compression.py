@@ -7,10 +7,12 @@ bytes an inline (compress-before-acknowledging) store would have written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -130,6 +132,20 @@ def _series_copies(source: str, count: int, directory: Path) -> list[Path]:
     return paths
 
 
+@contextlib.contextmanager
+def _deferred_series(tmp_path: Path, count: int) -> Iterator[tuple[Archive, list[Path]]]:
+    """An archive in ``tmp_path/data`` holding ``count`` copies of CT_small as one series, stored with
+    deferred compression; closed afterwards."""
+    files = _series_copies("CT_small.dcm", count, tmp_path / "in")
+    archive = _archive(tmp_path / "data")
+    try:
+        for path in files:
+            archive.store(path.read_bytes(), defer_compression=True)
+        yield archive, files
+    finally:
+        archive.close()
+
+
 def test_pending_compression_survives_a_restart(tmp_path: Path) -> None:
     files = _series_copies("CT_small.dcm", 3, tmp_path / "in")
     archive = _archive(tmp_path / "data")
@@ -169,11 +185,7 @@ def test_recovery_marks_a_raw_record_it_indexes(tmp_path: Path) -> None:
 
 
 def test_a_stop_during_compression_leaves_the_volume_as_it_was(tmp_path: Path) -> None:
-    files = _series_copies("CT_small.dcm", 4, tmp_path / "in")
-    archive = _archive(tmp_path / "data")
-    try:
-        for path in files:
-            archive.store(path.read_bytes(), defer_compression=True)
+    with _deferred_series(tmp_path, 4) as (archive, _):
         (volume,) = (tmp_path / "data" / "volumes").rglob("*.dcbs")
         before = volume.read_bytes()
         compressor = Compressor(archive, delay=0)
@@ -184,8 +196,6 @@ def test_a_stop_during_compression_leaves_the_volume_as_it_was(tmp_path: Path) -
         assert len(archive.pending) == 1  # still to do, here and in the index
         with archive.index.engine.connect() as connection:
             assert len(compression_pending(connection)) == 1
-    finally:
-        archive.close()
 
 
 def test_a_duplicate_under_keep_first_leaves_one_record(tmp_path: Path) -> None:
@@ -319,24 +329,15 @@ def test_the_index_marks_a_volume_whenever_its_file_holds_raw_frames(tmp_path: P
 def test_a_volume_another_compaction_replaced_is_skipped(tmp_path: Path) -> None:
     """``dcbnode-admin compact`` lists the volumes, then the node's compressor replaces one of them
     before the admin gets to it: that one is skipped, not a failure."""
-    (path,) = _series_copies("CT_small.dcm", 1, tmp_path / "in")
-    archive = _archive(tmp_path / "data")
-    try:
-        archive.store(path.read_bytes(), defer_compression=True)
+    with _deferred_series(tmp_path, 1) as (archive, _):
         (listed,) = compactable_volumes(archive)
         assert Compressor(archive, delay=0).run_once() == 1  # the node's compressor, first
         assert not listed.exists()
         assert compact_volume(archive, listed) is None
-    finally:
-        archive.close()
 
 
 def test_a_compaction_waiting_for_another_on_the_same_volume_skips_it(tmp_path: Path) -> None:
-    files = _series_copies("CT_small.dcm", 3, tmp_path / "in")
-    archive = _archive(tmp_path / "data")
-    try:
-        for path in files:
-            archive.store(path.read_bytes(), defer_compression=True)
+    with _deferred_series(tmp_path, 3) as (archive, _):
         (volume,) = compactable_volumes(archive)
         second: list[object] = []
         waiter = threading.Thread(target=lambda: second.append(compact_volume(archive, volume)))
@@ -350,18 +351,12 @@ def test_a_compaction_waiting_for_another_on_the_same_volume_skips_it(tmp_path: 
         waiter.join(30)
         assert second == [None]
         assert len(list((tmp_path / "data" / "volumes").rglob("*.dcbs"))) == 1
-    finally:
-        archive.close()
 
 
 def test_verify_while_the_node_compresses_reports_nothing(tmp_path: Path) -> None:
     """verify lists the volumes, the node's compressor replaces one by its next generation meanwhile:
     the new file is checked too, and the old one, gone and no longer indexed, is no problem."""
-    files = _series_copies("CT_small.dcm", 2, tmp_path / "in")
-    archive = _archive(tmp_path / "data")
-    try:
-        for path in files:
-            archive.store(path.read_bytes(), defer_compression=True)
+    with _deferred_series(tmp_path, 2) as (archive, files):
         compressed: list[int] = []
 
         def compress_after_the_listing(done: int, total: int) -> None:
@@ -372,5 +367,3 @@ def test_verify_while_the_node_compresses_reports_nothing(tmp_path: Path) -> Non
         assert compressed == [1]
         assert report.problems == []
         assert report.volumes == 1 and report.records >= 2 * len(files)  # records of the old file and the new one
-    finally:
-        archive.close()

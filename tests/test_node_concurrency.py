@@ -52,17 +52,16 @@ def _live_counts(data_dir: Path) -> dict[str, int]:
     return counts
 
 
-# ``database_url`` before ``running_node``: fixtures are torn down in reverse, so the nodes are stopped
-# before the PostgreSQL database is dropped.
-def test_eight_concurrent_associations_interleaved_series(database_url, running_node):
-    node = running_node(max_associations=10, database_url=database_url)
+def _send_interleaved(node, pause: float = 0.0) -> list[tuple[list[pydicom.Dataset], str]]:
+    """Four 12-slice series of one study over eight simultaneous associations, two per series, each sending
+    every other slice, so that the series interleave; every instance must be acknowledged.  Returns the
+    ``(datasets, calling AE title)`` of each association."""
     study = pydicom.uid.generate_uid()
     series = [_series(12, pydicom.uid.generate_uid(), study) for _ in range(4)]
-    # Eight associations, two per series, each sending every other slice: the series interleave.
     jobs = [(s[parity::2], f"SCU{i}") for i, (s, parity) in enumerate((s, p) for s in series for p in (0, 1))]
     acknowledged: list[str] = []
     errors: list[str] = []
-    threads = [threading.Thread(target=_send, args=(node, ds, acknowledged, aet, errors)) for ds, aet in jobs]
+    threads = [threading.Thread(target=_send, args=(node, ds, acknowledged, aet, errors, pause)) for ds, aet in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -70,6 +69,14 @@ def test_eight_concurrent_associations_interleaved_series(database_url, running_
     assert not errors
     every = [str(ds.SOPInstanceUID) for s in series for ds in s]
     assert sorted(acknowledged) == sorted(every)
+    return jobs
+
+
+# ``database_url`` before ``running_node``: fixtures are torn down in reverse, so the nodes are stopped
+# before the PostgreSQL database is dropped.
+def test_eight_concurrent_associations_interleaved_series(database_url, running_node):
+    node = running_node(max_associations=10, database_url=database_url)
+    _send_interleaved(node)
     assert stop_node(node) == 0
     assert sorted(_live_counts(node.data_dir).values()) == [12, 12, 12, 12]
     archive = read_back(node.data_dir, database_url)
@@ -81,19 +88,7 @@ def test_deferred_compression_interleaved_with_eight_associations(database_url, 
     """Series compressed while their instances still arrive: the compressions (new generations) race the
     appends of eight associations.  Every instance ends up stored once, compressed and bit-exact."""
     node = running_node(max_associations=10, database_url=database_url, compression_delay=0.05)
-    study = pydicom.uid.generate_uid()
-    series = [_series(12, pydicom.uid.generate_uid(), study) for _ in range(4)]
-    jobs = [(s[parity::2], f"SCU{i}") for i, (s, parity) in enumerate((s, p) for s in series for p in (0, 1))]
-    acknowledged: list[str] = []
-    errors: list[str] = []
-    threads = [threading.Thread(target=_send, args=(node, ds, acknowledged, aet, errors, 0.15)) for ds, aet in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors
-    every = [str(ds.SOPInstanceUID) for s in series for ds in s]
-    assert sorted(acknowledged) == sorted(every)
+    jobs = _send_interleaved(node, pause=0.15)
 
     def compressed() -> bool:
         archive = read_back(node.data_dir, database_url)
