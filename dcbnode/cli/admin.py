@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .. import version_line
 from ..config import Config, ConfigError, load_config
 from .admin_output import Progress, emit_json, human_bytes, table
 
@@ -76,7 +77,9 @@ def _selection_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog=PROG, parents=[_common(True)], description=__doc__.split("\n\n")[0],
-                                     epilog="Run 'dcbnode-admin COMMAND --help' for examples.")
+                                     epilog="Run 'dcbnode-admin COMMAND --help' for examples.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # version unwrapped
+    parser.add_argument("--version", action="version", version=version_line(PROG))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub: dict[str, argparse.ArgumentParser] = {}
     for name, (summary, example) in _COMMANDS.items():

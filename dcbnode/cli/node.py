@@ -1,7 +1,8 @@
 """``dcbnode serve``: run the DICOM node in the foreground, logging to stderr.
 
-Exit status: 0 after a SIGTERM/SIGINT stop, 2 for an invalid configuration (reported on one line
-before anything is bound), 1 for any other start-up failure (e.g. the port is taken).
+Exit status: 0 after a SIGTERM/SIGINT stop; 2 for an invalid configuration or an unusable data folder
+(not a directory, not writable, in use by another node), reported on one line before anything is bound;
+1 for any other start-up failure (e.g. the port is taken), also on one line.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import service_notify
+from .. import service_notify, version_line
 from ..config import LOG_LEVELS, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -28,7 +29,10 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcbnode", description="DICOM node archiving into DCBS volumes")
+    # Raw: the version line must not be wrapped.
+    parser = argparse.ArgumentParser(prog="dcbnode", description="DICOM node archiving into DCBS volumes",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line("dcbnode"))
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the node in the foreground (logs to stderr)")
     serve.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
@@ -139,17 +143,48 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> int:
+    """Take the data folder, reserve the port, recover, then serve; every start-up problem is one line."""
     # Heavy imports after the config check, so a bad config fails fast.
     from ..archive import Archive
-    from ..archive.compressor import Compressor
-    from ..archive.recovery import recover
+    from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
     from ..net.context import NodeContext
     from ..net.server import Node
 
     node_cfg = config.node
     log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,
              node_cfg.data_dir, node_cfg.redacted_database_url)
-    archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url, duplicate_policy=node_cfg.duplicate_policy)
+    try:
+        prepare_data_dir(node_cfg.data_dir)
+        # Held until the process ends: a second node on this folder is refused (SQLite: any other node).
+        lock = NodeLock(node_cfg.data_dir, exclusive=node_cfg.resolved_database_url.startswith("sqlite"))
+    except DataDirError as error:
+        log.error("%s", error)
+        return EXIT_CONFIG
+    try:
+        try:
+            archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
+                              duplicate_policy=node_cfg.duplicate_policy)
+        except OSError as exc:
+            log.error("cannot use data folder %s: %s; set node.data_dir to a writable folder on a local disk",
+                      node_cfg.data_dir, exc.strerror or exc)
+            return EXIT_CONFIG
+        node = Node(NodeContext(config=config, archive=archive))
+        try:
+            node.bind()  # before recovery, which can take minutes: a taken port is reported now
+        except OSError as exc:
+            archive.close()
+            log.error("cannot listen on %s:%d: %s", node_cfg.bind, node_cfg.port, exc.strerror or exc)
+            return EXIT_FAILURE
+        return _recover_and_serve(node, overrides, signals)
+    finally:
+        lock.release()
+
+
+def _recover_and_serve(node: Node, overrides: dict[str, object], signals: _Signals) -> int:
+    from ..archive.compressor import Compressor
+    from ..archive.recovery import recover
+
+    archive, node_cfg = node.context.archive, node.context.config.node
     # Runs in either mode: volumes left uncompressed under "deferred" still get compressed after a switch.
     compressor = Compressor(archive, node_cfg.compression_delay)
     try:
@@ -165,20 +200,15 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         if archive.pending:
             log.info("%d series volume(s) wait for deferred compression", len(archive.pending))
         compressor.start()
-        node = Node(NodeContext(config=config, archive=archive))
-        try:
-            node.start()
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", node_cfg.bind, node_cfg.port, exc.strerror or exc)
-            return EXIT_FAILURE
+        node.start()
         log.info("%s accepting associations on %s:%d", node_cfg.ae_title, node_cfg.bind, node.port)
         service_notify.ready(f"accepting associations on port {node.port}")
         while signals.wait() == signal.SIGHUP:
             _reload(node, node.context.config, overrides)
         log.info("stop requested; finishing in-flight operations")
         service_notify.stopping()
-        node.stop(grace=node_cfg.dimse_timeout)
     finally:
+        node.stop(grace=node_cfg.dimse_timeout)
         if not compressor.stop():
             log.warning("deferred compression did not stop in time; its volume is left as it was")
         archive.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import socketserver
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +100,7 @@ class Node:
         self.context = context
         self.in_flight = InFlight()
         self.ae = build_ae(context.config)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _ListenLaterServer | None = None
         self._handlers = self._bind_handlers()
 
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
@@ -122,10 +124,20 @@ class Node:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
-        """Bind and start accepting associations in a background thread."""
+    def bind(self) -> None:
+        """Reserve the TCP port (an ``OSError`` now if it is taken), without accepting connections yet."""
         node = self.context.config.node
-        self._server = self.ae.start_server((node.bind, node.port), block=False, evt_handlers=self._handlers)
+        self._server = self.ae.make_server((node.bind, node.port), evt_handlers=self._handlers,
+                                           server_class=_ListenLaterServer)
+
+    def start(self) -> None:
+        """Start accepting associations in a background thread (binds first if :meth:`bind` was not called)."""
+        if self._server is None:
+            self.bind()
+        server = self._server
+        assert server is not None
+        server.listen()
+        threading.Thread(target=server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
 
     def reload(self, fresh: Config) -> None:
         """Take ``[peers]`` and ``[access]`` from ``fresh`` for new associations."""
@@ -140,6 +152,10 @@ class Node:
         """
         server = self._server
         if server is None:
+            return
+        if not server.listening:  # bound only (stopped during recovery): nothing was ever accepted
+            server.server_close()
+            self._server = None
             return
         # C-STOREs arriving from now on are refused with 0xA700 (the sender may retry), so the wait
         # below cannot be prolonged by new work.
@@ -168,6 +184,28 @@ class Node:
         self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
         self._server = None
         log.info("stopped accepting associations (%d connection(s) ended)", len(associations))
+
+
+class _ListenLaterServer(ThreadedAssociationServer):
+    """Bound when created, listening only from :meth:`listen`: the node reserves its port before the
+    archive's recovery (a port conflict is reported at once, not after minutes of recovery) while peers
+    still get "connection refused", not a silent wait, until it can answer."""
+
+    listening = False
+
+    def server_activate(self) -> None:
+        """socketserver's constructor calls this right after binding; listening waits for :meth:`listen`."""
+
+    def listen(self) -> None:
+        """Start listening (socketserver's ``server_activate``)."""
+        super().server_activate()
+        self.listening = True
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket, as pynetdicom's ``shutdown`` does, except for dropping the
+        server from the list ``AE.start_server`` keeps: ``make_server`` never put it there."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 #: After the grace, how long the peers get to close their end after our A-ABORT, and the handlers to end.
