@@ -39,6 +39,7 @@ __all__ = [
     "NodeConfig",
     "PeerConfig",
     "QueryConfig",
+    "StorageConfig",
     "load_config",
 ]
 
@@ -169,6 +170,13 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """The ``[storage]`` table: what the Storage SCP accepts."""
+
+    accept_unknown_sop_classes: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The complete, validated node configuration."""
 
@@ -176,6 +184,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     query: QueryConfig = field(default_factory=QueryConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     source: Path | None = None
 
     def with_peers_and_access_from(self, other: Config) -> Config:
@@ -374,8 +383,9 @@ _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
     "case_insensitive_names": _bool,
     "max_responses": _int_between(0, None),
 }
-_TABLES: Final = ("node", "access", "peers", "query")
-_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>] and [query]"
+_STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {"accept_unknown_sop_classes": _bool}
+_TABLES: Final = ("node", "access", "peers", "query", "storage")
+_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query] and [storage]"
 
 
 def _require_table(value: object, key: str, hint: str) -> dict[str, object]:
@@ -428,11 +438,13 @@ def _build_config(raw: dict[str, object], source: Path | None) -> Config:
         node["data_dir"] = _data_dir(str(DEFAULT_DATA_DIR), "node.data_dir")
     access = _section(raw, "access", _ACCESS_SCHEMA)
     query = _section(raw, "query", _QUERY_SCHEMA)
+    storage = _section(raw, "storage", _STORAGE_SCHEMA)
     return Config(
         node=NodeConfig(**node),
         access=AccessConfig(**access),
         peers=_build_peers(raw.get("peers", {})),
         query=QueryConfig(**query),
+        storage=StorageConfig(**storage),
         source=source,
     )
 

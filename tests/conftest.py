@@ -61,18 +61,21 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
 
 
 def start_node(tmp_path: Path, *, access: dict[str, Any] | None = None, name: str = "node",
-               data_dir: Path | None = None, port: int | None = None, **node: Any) -> RunningNode:
+               data_dir: Path | None = None, port: int | None = None,
+               tables: dict[str, dict[str, Any]] | None = None, **node: Any) -> RunningNode:
     """Start ``python -m dcbnode.cli.node serve --config <tmp>.toml`` and wait until it listens.
 
-    ``node`` keys go to ``[node]`` (defaults: loopback, a free port, ``tmp_path/name-data``).
+    ``node`` keys go to ``[node]`` (defaults: loopback, a free port, ``tmp_path/name-data``); ``tables``
+    are more tables, e.g. ``{"storage": {...}, "peers.STORESCP": {"host": ..., "port": ...}}``.
     """
     port = port or free_port()
     data_dir = data_dir or tmp_path / f"{name}-data"
     settings = {"ae_title": NODE_AET, "bind": LOOPBACK, "port": port, "data_dir": str(data_dir), **node}
-    tables: dict[str, dict[str, Any]] = {"node": settings}
+    config_tables: dict[str, dict[str, Any]] = {"node": settings}
     if access:
-        tables["access"] = access
-    config_path = write_config(tmp_path / f"{name}.toml", tables)
+        config_tables["access"] = access
+    config_tables.update(tables or {})
+    config_path = write_config(tmp_path / f"{name}.toml", config_tables)
     log_path = tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "dcbnode.cli.node", "serve", "--config", str(config_path)],

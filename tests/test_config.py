@@ -14,6 +14,7 @@ from dcbnode.config import (
     ConfigError,
     NodeConfig,
     PeerConfig,
+    StorageConfig,
     load_config,
 )
 
@@ -118,6 +119,7 @@ def test_example_file_sets_every_key_to_its_default() -> None:
     assert example.node == defaults.node
     assert example.access == defaults.access
     assert example.query == defaults.query
+    assert example.storage == defaults.storage
 
 
 @pytest.mark.parametrize(
@@ -127,6 +129,7 @@ def test_example_file_sets_every_key_to_its_default() -> None:
         *(f"access.{name}" for name in AccessConfig.__dataclass_fields__),
         "query.case_insensitive_names",
         "query.max_responses",
+        *(f"storage.{name}" for name in StorageConfig.__dataclass_fields__),
     ],
 )
 def test_every_key_is_in_example_and_docs(key: str) -> None:
@@ -250,6 +253,7 @@ OTHER_ERRORS = [
     ("[access]\nrequire_called_aets = true\n", "access.require_called_aets", "unknown key"),
     ("[query]\ncase_insensitive_names = 1\n", "query.case_insensitive_names", "true or false"),
     ("[query]\nmax_responses = -1\n", "query.max_responses", "integer >= 0"),
+    ('[storage]\naccept_unknown_sop_classes = "no"\n', "storage.accept_unknown_sop_classes", "true or false"),
     ("[logging]\nlevel = 1\n", "logging", "unknown table", "[peers.<AE title>]"),
     ("[peers.STORESCP]\nport = 11113\n", "peers.STORESCP.host", "missing"),
     ('[peers.STORESCP]\nhost = "127.0.0.1"\n', "peers.STORESCP.port", "missing"),

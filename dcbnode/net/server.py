@@ -1,8 +1,9 @@
 """The DICOM node: a pynetdicom Application Entity serving the archive.
 
-Presentation contexts: Verification; every storage SOP class pynetdicom knows × the transfer syntaxes a
-DCBS volume can store (anything else is rejected at negotiation, so no C-STORE arrives that cannot be
-archived); and, when their modules are present, Patient/Study Root C-FIND, C-MOVE and C-GET.
+Presentation contexts: Verification; every storage SOP class (:mod:`.sop_classes`, private ones too unless
+``[storage] accept_unknown_sop_classes = false``) × the transfer syntaxes a DCBS volume can store (anything
+else is rejected at negotiation, so no C-STORE arrives that cannot be archived); and, when their modules
+are present, Patient/Study Root C-FIND, C-MOVE and C-GET.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -33,6 +34,7 @@ from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
 from .associations import ASSOCIATION_HANDLERS
 from .context import NodeContext
+from .sop_classes import UnknownStorageClasses, add_storage_contexts
 from .store_scp import InFlight, handle_store
 
 log = logging.getLogger("dcbnode.server")
@@ -77,10 +79,7 @@ def build_ae(config: Config) -> AE:
     apply_access(ae, config)
     syntaxes = [str(uid) for uid in STORABLE_SYNTAXES]
     ae.add_supported_context(Verification, syntaxes[:4])
-    for context in AllStoragePresentationContexts:
-        # scu_role/scp_role=True: accept a C-GET requestor's proposal to act as Storage SCP on the
-        # association, so C-GET can send the instances back over it.
-        ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
+    add_storage_contexts(ae, syntaxes)
     return ae
 
 
@@ -108,6 +107,8 @@ class Node:
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
             *ASSOCIATION_HANDLERS,
         ]
+        if self.context.config.storage.accept_unknown_sop_classes:
+            handlers.append((evt.EVT_REQUESTED, UnknownStorageClasses([str(uid) for uid in STORABLE_SYNTAXES])))
         for event, module, name, sop_classes in _QR_SERVICES:
             handler = _load_handler(module, name)
             if handler is None:
