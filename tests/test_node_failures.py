@@ -221,3 +221,27 @@ def test_full_disk_answers_out_of_resources_and_keeps_what_was_acknowledged(runn
             assert rebuilt.PixelData == ds.PixelData and rebuilt.SOPInstanceUID == ds.SOPInstanceUID
     finally:
         archive.close()
+
+
+def test_unparseable_dataset_gets_a_comment_for_a_person(node, tmp_path, monkeypatch):
+    """A data set pydicom cannot read (labelled Deflated, but not deflated: zlib fails) is refused with an
+    Error Comment for a person; zlib's own message goes to the node's log only."""
+    ds = _ct()
+    body = pydicom.filebase.DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(body, ds)  # Explicit VR Little Endian, the file's own syntax
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    meta = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(meta, ds.file_meta)
+    path = tmp_path / "not-deflated.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + body.getvalue())
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes unparsed
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet)
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert status.ErrorComment == "cannot parse the dataset"
+    assert wait_until(lambda: "decompressing data" in node.log()), node.log()[-3000:]

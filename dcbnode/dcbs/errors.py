@@ -37,6 +37,19 @@ class InvalidDatasetError(DcbsError):
         self.source = None if source is None else str(source)
         super().__init__(reason if source is None else f"{source}: {reason}")
 
+    @property
+    def comment(self) -> str:
+        """``reason`` for a person (a DICOM Error Comment), without a library's exception text.
+
+        An error raised from another library's exception quotes it after the first ``": "`` of its
+        reason (``raise InvalidDatasetError(f"cannot parse the dataset: {exc}") from exc``); that text
+        names Python internals (``'Dataset' object has no attribute …``) and is for the log only.
+        """
+        cause = self.__cause__
+        if cause is None or isinstance(cause, DcbsError):
+            return self.reason
+        return self.reason.split(": ", 1)[0]
+
 
 class UnsupportedTransferSyntaxError(InvalidDatasetError):
     """The dataset is encoded in a transfer syntax that DCBS cannot store losslessly."""

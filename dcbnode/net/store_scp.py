@@ -39,6 +39,8 @@ DATASET_MISMATCH: Final = 0xA900
 #: pynetdicom uses for its own failures, and next to config.DUPLICATE_STATUS["reject"] (0xCD01).
 CANNOT_UNDERSTAND: Final = 0xCD02
 INTERNAL_ERROR: Final = 0xCD03
+#: Error Comment of a failure whose cause only the log can tell.
+_SEE_LOG: Final = "internal error in the archive; the node's log has the details"
 #: Error Comment is LO: at most 64 characters (PS3.5 Table 6.2-1).
 _COMMENT_MAX: Final = 64
 
@@ -148,12 +150,10 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
         stored = archive.store(part10_bytes(event, calling_aet), source_ae_title=calling_aet,
                                transfer_syntax=syntax, expected_sop_instance_uid=requested_uid,
                                defer_compression=config.node.compression == "deferred")
-    except UndecodablePixelDataError as exc:
-        return status(CANNOT_UNDERSTAND, exc.reason)
-    except UnsupportedTransferSyntaxError as exc:
-        return status(CANNOT_UNDERSTAND, exc.reason)
+    except (UndecodablePixelDataError, UnsupportedTransferSyntaxError) as exc:
+        return status(CANNOT_UNDERSTAND, _comment(exc, requested_uid, calling_aet))
     except InvalidDatasetError as exc:
-        return status(DATASET_MISMATCH, exc.reason)
+        return status(DATASET_MISMATCH, _comment(exc, requested_uid, calling_aet))
     except DuplicateInstanceError:
         return status(config.node.duplicate_status, "SOP Instance UID is already stored")
     except VolumeFullError as exc:
@@ -164,16 +164,26 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
             log.error("disk full while storing %s: %s", requested_uid, exc)
             return status(OUT_OF_RESOURCES, "archive storage is full")
         log.exception("I/O error while storing %s", requested_uid)
-        return status(INTERNAL_ERROR, f"archive I/O error: {exc.strerror or exc}")
-    except Exception as exc:
+        # strerror is the C library's text for a person ("Permission denied"); str(exc) is Python's.
+        return status(INTERNAL_ERROR, f"archive I/O error: {exc.strerror}" if exc.strerror else _SEE_LOG)
+    except Exception:
         log.exception("unexpected error while storing %s", requested_uid)
-        return status(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        return status(INTERNAL_ERROR, _SEE_LOG)
     if stored.outcome is StoreOutcome.DUPLICATE_IGNORED:  # docs/configuration.md: keep_first warns
         log.warning("SOP Instance %s was already stored: the new copy from %s was discarded",
                     requested_uid, calling_aet)
     elif stored.outcome is StoreOutcome.REPLACED:
         log.info("SOP Instance %s was already stored: replaced by the copy from %s", requested_uid, calling_aet)
     return SUCCESS
+
+
+def _comment(exc: InvalidDatasetError, requested_uid: str, calling_aet: str) -> str:
+    """The Error Comment for a refused dataset: written for a person; the technical detail (a library's
+    exception text) goes to the log."""
+    comment = exc.comment
+    if comment != exc.reason:
+        log.warning("C-STORE from %s: %s refused: %s", calling_aet, requested_uid, exc.reason)
+    return comment
 
 
 @functools.lru_cache(maxsize=256)
