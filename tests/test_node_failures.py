@@ -120,6 +120,13 @@ def test_unknown_called_and_calling_aet_rejected(running_node):
     # rejection: wait for the lines rather than read the log once.
     expected = ("association rejected from BADSCU", "association rejected from GOODSCU")
     assert wait_until(lambda: all(line in node.log() for line in expected)), node.log()
+    # Each line says which check failed and what the peer was sent.
+    lines = {line.split("association rejected from ")[1][:7]: line for line in node.log().splitlines()
+             if "association rejected from" in line}
+    assert ("calling AE title 'BADSCU' is not in [access] allowed_calling_aets (A-ASSOCIATE-RJ result 1 "
+            "rejected-permanent, source 1 service-user, reason 3 calling-AE-title-not-recognized)") in lines["BADSCU@"]
+    assert "called AE title 'NOTUS' is not ours (DCBNODE)" in lines["GOODSCU"]
+    assert "reason 7 called-AE-title-not-recognized" in lines["GOODSCU"]
     assoc = _associate(node, "GOODSCU", node.aet)
     assert assoc.is_established
     assoc.release()
@@ -141,6 +148,27 @@ def test_reject_reasons(running_node):
         ae.add_requested_context(Verification)
         ae.associate(node.host, node.port, ae_title=called, evt_handlers=[(evt.EVT_REJECTED, on_rejected)])
     assert reasons == [(1, 3), (1, 7)]
+
+
+def test_association_limit_rejection_is_logged_with_its_reason(running_node):
+    node = running_node(max_associations=1, acse_timeout=2)
+    # The start-up port probe's connection holds the one slot until its thread gives up waiting for an
+    # A-ASSOCIATE-RQ (acse_timeout): retry until the slot is ours.
+    attempts = []
+    assert wait_until(lambda: attempts.append(_associate(node, "FIRST", node.aet)) or attempts[-1].is_established,
+                      timeout=20)
+    held = attempts[-1]
+    try:
+        refused = _associate(node, "SECOND", node.aet)
+        assert refused.is_rejected
+        primitive = refused.acceptor.primitive
+        assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+    finally:
+        held.release()
+    assert wait_until(lambda: "association rejected from SECOND" in node.log()), node.log()
+    line = next(line for line in node.log().splitlines() if "association rejected from SECOND" in line)
+    assert "association limit reached (1 at once, node.max_associations)" in line, line
+    assert "result 2 rejected-transient, source 3 service-provider (presentation), reason 2 local-limit-exceeded" in line
 
 
 @pytest.mark.parametrize("policy", ["keep_first", "replace", "reject"])

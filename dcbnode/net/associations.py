@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 log = logging.getLogger("dcbnode.association")
@@ -28,6 +29,8 @@ class AssociationStats:
     requests: Counter[str] = field(default_factory=Counter)
     #: per message ID: (start time, pending responses sent so far)
     operations: dict[int, list[float]] = field(default_factory=dict)
+    #: why the association was rejected and the A-ASSOCIATE-RJ sent (set when it is)
+    rejection: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, status: int) -> None:
@@ -60,7 +63,42 @@ def _on_accepted(event: Event) -> None:
 
 
 def _on_rejected(event: Event) -> None:
-    _stats(event).state = "rejected"
+    stats = _stats(event)
+    stats.state = "rejected"
+    stats.rejection = rejection_reason(event.assoc)
+
+
+#: PS3.8 Table 9-21: A-ASSOCIATE-RJ result, source and reason/diag. values.
+_RJ_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+_RJ_SOURCES = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_RJ_REASONS = {
+    1: {1: "no-reason-given", 2: "application-context-name-not-supported", 3: "calling-AE-title-not-recognized",
+        7: "called-AE-title-not-recognized"},
+    2: {1: "no-reason-given", 2: "protocol-version-not-supported"},
+    3: {1: "temporary-congestion", 2: "local-limit-exceeded"},
+}
+
+
+def rejection_reason(assoc: Association) -> str:
+    """Why pynetdicom rejected ``assoc`` as acceptor, in the node's terms, and the A-ASSOCIATE-RJ it sent.
+
+    pynetdicom keeps the A-ASSOCIATE-RJ it sent as ``assoc.acceptor.primitive`` and the request as
+    ``assoc.requestor.primitive``; the reject codes say which of its checks failed (PS3.8 9.3.4).
+    """
+    sent, request = assoc.acceptor.primitive, assoc.requestor.primitive
+    result, source, reason = (getattr(sent, name, None) for name in ("result", "result_source", "diagnostic"))
+    called = str(getattr(request, "called_ae_title", "") or "").strip()
+    calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+    ae = assoc.ae
+    why = {
+        (1, 3): f"calling AE title {calling!r} is not in [access] allowed_calling_aets",
+        (1, 7): f"called AE title {called!r} is not ours ({ae.ae_title.strip()}); [access] require_called_aet is on",
+        (2, 1): "user identity not accepted",
+        (3, 2): f"association limit reached ({ae.maximum_associations} at once, node.max_associations)",
+    }.get((source, reason), "rejected")
+    codes = (f"result {result} {_RJ_RESULTS.get(result, '?')}, source {source} {_RJ_SOURCES.get(source, '?')}, "
+             f"reason {reason} {_RJ_REASONS.get(source, {}).get(reason, '?')}")
+    return f"{why} (A-ASSOCIATE-RJ {codes})"
 
 
 def _on_aborted(event: Event) -> None:
@@ -83,7 +121,7 @@ def _on_close(event: Event) -> None:
     level = logging.WARNING if state in ("rejected", "aborted", "dropped") else logging.INFO
     log.log(level, "association %s from %s@%s (called %s) after %.2f s: %s",
             state, assoc.requestor.ae_title.strip() or "?", stats.address, _called_aet(assoc), seconds,
-            stats.summary())
+            stats.rejection or stats.summary())
 
 
 #: Responses whose final (non-pending) instance ends an operation logged here.
