@@ -169,7 +169,7 @@ class Archive:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / VOLUMES_DIR).mkdir(exist_ok=True)
         self.index = Index(database_url)
-        self.index.create_schema()
+        self.index.prepare_schema()  # raises SchemaError for an index of another dcbnode version
         self.volumes = VolumePool()
         self.level_cache = LevelCache()
         self.attribute_cache = LevelAttributeCache()

@@ -49,6 +49,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("list studies and series (same as ls)", "dcbnode-admin query --patient 12345 --json"),
     "verify": ("check every checksum and that index and volumes agree", "dcbnode-admin verify"),
     "reindex": ("rebuild the index from the volumes", "dcbnode-admin reindex"),
+    "upgrade": ("bring the index schema up to this version (stop the node first)",
+                "dcbnode-admin upgrade --config /etc/dcbnode/dcbnode.toml"),
     "delete": ("delete instances (tombstones); needs --yes",
                "dcbnode-admin delete --series 1.2.3.4.5            # shows what would be deleted\n"
                "  dcbnode-admin delete --series 1.2.3.4.5 --yes"),
@@ -130,6 +132,7 @@ def _open(config: Config) -> Archive:
     global _ITEM_ERRORS
     from ..archive import Archive  # lazy: pydicom and the codecs take a second to import
     from ..dcbs import DcbsError
+    from ..index.schema import SchemaError
 
     _ITEM_ERRORS = (DcbsError, OSError)
     node = config.node
@@ -137,6 +140,8 @@ def _open(config: Config) -> Archive:
         return Archive(node.data_dir, node.resolved_database_url, duplicate_policy=node.duplicate_policy)
     except OSError as exc:
         raise UsageError(f"cannot open data directory {node.data_dir}: {exc.strerror}") from exc
+    except SchemaError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def cmd_init(args: argparse.Namespace, config: Config) -> int:
@@ -289,6 +294,34 @@ def cmd_reindex(args: argparse.Namespace, config: Config) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
+    from sqlalchemy.engine import make_url
+
+    from ..index import Index
+    from ..index.schema import SchemaError, upgrade
+
+    url = config.node.resolved_database_url
+    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file is not None and not Path(sqlite_file).is_file():
+        raise UsageError(f"no index at {sqlite_file}: nothing to upgrade. Check --config (node.data_dir, "
+                         "node.database_url); 'dcbnode-admin init' creates a new archive")
+    index = Index(url)
+    try:
+        result = upgrade(index.engine, index.redacted_url)
+    except SchemaError as exc:
+        raise UsageError(str(exc)) from exc
+    finally:
+        index.dispose()
+    if args.json:
+        emit_json({"database": index.redacted_url, **vars(result)})
+    elif result.applied:
+        print(f"upgraded the index {index.redacted_url} from schema {result.before} to revision {result.after} "
+              f"(applied {', '.join(result.applied)})")
+    else:
+        print(f"the index {index.redacted_url} is at revision {result.after} already: nothing to do")
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace, config: Config) -> int:
     selection = _selection(args)
     with _Session(config) as archive:
@@ -363,8 +396,8 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "init": cmd_init, "stats": cmd_stats, "import": cmd_import, "export": cmd_export, "ls": cmd_ls,
-    "query": cmd_ls, "verify": cmd_verify, "reindex": cmd_reindex, "delete": cmd_delete, "compact": cmd_compact,
-    "echo": cmd_echo, "peers": cmd_peers,
+    "query": cmd_ls, "verify": cmd_verify, "reindex": cmd_reindex, "upgrade": cmd_upgrade, "delete": cmd_delete,
+    "compact": cmd_compact, "echo": cmd_echo, "peers": cmd_peers,
 }
 
 

@@ -147,6 +147,7 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     # Heavy imports after the config check, so a bad config fails fast.
     from ..archive import Archive
     from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
+    from ..index.schema import SchemaError
     from ..net.context import NodeContext
     from ..net.server import Node
 
@@ -167,6 +168,9 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         except OSError as exc:
             log.error("cannot use data folder %s: %s; set node.data_dir to a writable folder on a local disk",
                       node_cfg.data_dir, exc.strerror or exc)
+            return EXIT_CONFIG
+        except SchemaError as error:
+            log.error("%s", error)
             return EXIT_CONFIG
         node = Node(NodeContext(config=config, archive=archive))
         try:

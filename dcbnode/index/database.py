@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Base
+from . import schema
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -40,7 +40,7 @@ def is_disk_full(exc: DBAPIError) -> bool:
 
 
 class Index:
-    """The index database: engine, sessions and schema creation."""
+    """The index database: engine, sessions and the schema's version check."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -51,9 +51,15 @@ class Index:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        """Create the tables and indexes if missing (safe to run twice)."""
-        Base.metadata.create_all(self.engine)
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def prepare_schema(self) -> None:
+        """Create the schema in an empty database; otherwise check that it is at this code's revision, and
+        raise :class:`~.schema.SchemaError` (which says what to do) if not.  See :mod:`.schema`."""
+        schema.ensure(self.engine, self.redacted_url)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

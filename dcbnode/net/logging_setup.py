@@ -1,4 +1,4 @@
-"""Logging for the node: one stream on stderr, pynetdicom kept quiet unless DEBUG."""
+"""Logging for the node: one stream on stderr, pynetdicom and Alembic kept quiet unless DEBUG."""
 
 from __future__ import annotations
 
@@ -36,4 +36,6 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(numeric)
     debug = numeric <= logging.DEBUG
     logging.getLogger("pynetdicom").setLevel(numeric if debug else logging.WARNING)
+    # Alembic logs its plugins and dialect at INFO whenever the schema is checked; dcbnode says what counts.
+    logging.getLogger("alembic").setLevel(numeric if debug else logging.WARNING)
     _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
