@@ -136,3 +136,9 @@ def test_upgrade_without_an_index_says_so(tmp_path: Path) -> None:
     result = admin(config, "upgrade", check=2)
     assert "no index at" in result.stderr and "dcbnode-admin init" in result.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_upgrade_refuses_while_a_node_runs(running_node, tmp_path: Path) -> None:
+    node = running_node()
+    result = admin(make_config(tmp_path, node.data_dir), "upgrade", check=2)
+    assert "in use by another dcbnode" in result.stderr and "before upgrading the index" in result.stderr

@@ -294,6 +294,19 @@ def cmd_reindex(args: argparse.Namespace, config: Config) -> int:
     return 1 if report.problems else 0
 
 
+def _no_node_running(data_dir: Path, doing: str):  # -> NodeLock | None
+    """The data folder's node lock, taken exclusively so that no node starts meanwhile (None when the folder
+    does not exist); raises UsageError when a node runs on it."""
+    from ..archive.node_lock import DataDirError, NodeLock
+
+    if not data_dir.is_dir():
+        return None
+    try:
+        return NodeLock(data_dir, exclusive=True)
+    except DataDirError as exc:
+        raise UsageError(f"{exc} (stop every node on {data_dir} before {doing}: 'systemctl stop dcbnode')") from exc
+
+
 def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
     from sqlalchemy.engine import make_url
 
@@ -305,6 +318,7 @@ def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
     if sqlite_file is not None and not Path(sqlite_file).is_file():
         raise UsageError(f"no index at {sqlite_file}: nothing to upgrade. Check --config (node.data_dir, "
                          "node.database_url); 'dcbnode-admin init' creates a new archive")
+    lock = _no_node_running(config.node.data_dir, "upgrading the index")
     index = Index(url)
     try:
         result = upgrade(index.engine, index.redacted_url)
@@ -312,6 +326,8 @@ def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(str(exc)) from exc
     finally:
         index.dispose()
+        if lock is not None:
+            lock.release()
     if args.json:
         emit_json({"database": index.redacted_url, **vars(result)})
     elif result.applied:
