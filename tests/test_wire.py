@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -28,9 +29,9 @@ from pynetdicom.pdu import P_DATA_TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import wait_until
-from pynetdicom.transport import AssociationSocket
 
-from dcbnode.net.wire import _await_message, _sent_message, command_elements, encode_command, pdata_pdus
+from dcbnode.net.provider import NodeAE, NodeAssociation, NodeRequestHandler, NodeSocket, await_message
+from dcbnode.net.wire import command_elements, encode_command, pdata_pdus, sent_message
 
 
 def _message_class(primitive: Any) -> type:
@@ -130,7 +131,7 @@ def test_command_sets_are_pynetdicoms() -> None:
         encoded += 1
         assert encode_command(elements) == expected, (message_class.__name__, seed)
         # what EVT_DIMSE_SENT handlers see re-encodes to the same bytes, and reads as pynetdicom's message
-        sent = _sent_message(message_class, 1, elements, dataset).command_set
+        sent = sent_message(message_class, 1, elements, dataset).command_set
         assert encode(sent, True, True) == expected
         reference = _message_class(primitive)()
         reference.primitive_to_message(primitive)
@@ -146,14 +147,13 @@ def test_a_paused_reactor_leaves_the_reply_to_the_waiting_sender(tmp_path: Path)
     poll, which can still run once after the pause (pynetdicom sets ``_is_paused`` before it waits),
     must not take that reply.  Here the poll is made exactly while paused, with a reply queued."""
     from peers import pynetdicom_store_scp
-    from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     with pynetdicom_store_scp(tmp_path) as scp:
-        ae = AE(ae_title="WIRETEST")
+        ae = NodeAE(ae_title="WIRETEST")  # dcbnode's requestor, e.g. a C-MOVE sub-association
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate(scp.host, scp.port, ae_title=scp.aet)
-        assert assoc.is_established
+        assert assoc.is_established and isinstance(assoc, NodeAssociation)
         try:
             reply = (1, object())
             assoc._reactor_checkpoint.clear()  # what send_*() does before sending
@@ -173,46 +173,56 @@ def _waiters(assoc: Association) -> int:
     return len(assoc.dimse.msg_queue.not_empty._waiters)  # type: ignore[attr-defined]
 
 
-def test_the_reactor_of_an_scp_waits_on_its_message_queue(tmp_path: Path) -> None:
-    """An SCP association's reactor, between its polls, waits on the DIMSE queue that the DUL thread puts
-    each received message on (pynetdicom's sleeps 1 ms, and nothing waits there); C-STOREs still work."""
-    from peers import pynetdicom_store_scp
+def test_the_reactor_of_an_scp_waits_on_its_message_queue() -> None:
+    """A dcbnode SCP association's reactor, between its polls, waits on the DIMSE queue that the DUL thread
+    puts each received message on (pynetdicom's sleeps 1 ms, and nothing waits there); C-STOREs still
+    work, sent by a stock pynetdicom SCU."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ImplicitVRLittleEndian, generate_uid
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.transport import ThreadedAssociationServer
 
-    with pynetdicom_store_scp(tmp_path) as scp:
+    received: list[bytes] = []
+    scp = NodeAE(ae_title="NODESCP")
+    scp.add_supported_context(CTImageStorage, ImplicitVRLittleEndian)
+    server = scp.make_server(("127.0.0.1", 0), evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: received.append(event.encoded_dataset()) or 0x0000)],
+        server_class=ThreadedAssociationServer, request_handler=NodeRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
         ae = AE(ae_title="WIRETEST")
         ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
-        assoc = ae.associate(scp.host, scp.port, ae_title=scp.aet)
-        assert assoc.is_established
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="NODESCP")
+        assert assoc.is_established and type(assoc) is Association
         try:
-            acceptors = [t for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor]
-            assert len(acceptors) == 1
-            assert wait_until(lambda: _waiters(acceptors[0]) == 1, timeout=5)
+            assert wait_until(lambda: len(server.active_associations) == 1, timeout=5)
+            acceptor = server.active_associations[0]
+            assert isinstance(acceptor, NodeAssociation)
+            assert wait_until(lambda: _waiters(acceptor) == 1, timeout=5)
             for n in range(3):
                 ds = Dataset()
                 ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = CTImageStorage, generate_uid(), f"P{n}"
                 ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
                 assert assoc.send_c_store(ds).Status == 0x0000
-            assert len(scp.received) == 3
-            assert wait_until(lambda: _waiters(acceptors[0]) == 1, timeout=5)
+            assert len(received) == 3
+            assert wait_until(lambda: _waiters(acceptor) == 1, timeout=5)
         finally:
             assoc.release()
+    finally:
+        socketserver.BaseServer.shutdown(server)
+        server.server_close()
 
 
 def _association() -> Association:
     """A real (unstarted) association: its DIMSE queue and reactor checkpoint as pynetdicom makes them."""
-    from pynetdicom import AE
-
-    return Association(AE(), "requestor")
+    return NodeAssociation(NodeAE(), "requestor")
 
 
 def _sleeping(assoc: Association, seconds: float) -> threading.Thread:
     """A thread in the reactor's sleep, once it waits on the queue."""
-    sleeper = threading.Thread(target=_await_message, args=(assoc, seconds), daemon=True)
+    sleeper = threading.Thread(target=await_message, args=(assoc, seconds), daemon=True)
     waiting = _waiters(assoc)
     sleeper.start()
     assert wait_until(lambda: _waiters(assoc) == waiting + 1, timeout=5)
@@ -226,7 +236,7 @@ def test_a_queued_message_ends_the_reactor_sleep() -> None:
     messages = assoc.dimse.msg_queue
     messages.put((None, None))
     start = time.monotonic()
-    _await_message(assoc, 10)
+    await_message(assoc, 10)
     assert time.monotonic() - start < 5
     assert messages.get_nowait() == (None, None)
 
@@ -244,7 +254,7 @@ def test_a_paused_reactor_sleeps_in_full() -> None:
     assoc.dimse.msg_queue.put((None, None))
     for _ in range(3):
         start = time.monotonic()
-        _await_message(assoc, 0.05)
+        await_message(assoc, 0.05)
         assert time.monotonic() - start >= 0.04
 
 
@@ -285,8 +295,8 @@ def _socket_pair() -> tuple[socket.socket, _CountingSocket]:
     return left, counted
 
 
-def _reader(connection: socket.socket) -> AssociationSocket:
-    reader = AssociationSocket.__new__(AssociationSocket)  # only .socket is used by recv
+def _reader(connection: socket.socket) -> NodeSocket:
+    reader = NodeSocket.__new__(NodeSocket)  # only .socket is used by recv
     reader.socket = connection
     return reader
 

@@ -149,7 +149,12 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
     from ..index.schema import SchemaError
     from ..net.context import NodeContext
-    from ..net.server import Node
+
+    try:
+        from ..net.server import Node
+    except ImportError as exc:  # e.g. a pynetdicom whose internals dcbnode's associations do not fit
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
 
     node_cfg = config.node
     log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,

@@ -2,22 +2,21 @@
 
 Presentation contexts: Verification; every storage SOP class (:mod:`.sop_classes`, private ones too unless
 ``[storage] accept_unknown_sop_classes = false``) × the transfer syntaxes a DCBS volume can store (anything
-else is rejected at negotiation, so no C-STORE arrives that cannot be archived); and, when their modules
-are present, Patient/Study Root C-FIND, C-MOVE and C-GET.
+else is rejected at negotiation, so no C-STORE arrives that cannot be archived); and Patient/Study Root
+C-FIND, C-MOVE and C-GET.  The associations are dcbnode's own (:mod:`.provider`); pynetdicom itself is left
+as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import socketserver
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -34,6 +33,9 @@ from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
 from .associations import ASSOCIATION_HANDLERS
 from .context import NodeContext
+from .find_scp import handle_find
+from .provider import NodeAE, NodeRequestHandler
+from .retrieve_scp import handle_get, handle_move
 from .sop_classes import UnknownStorageClasses, add_storage_contexts
 from .store_scp import InFlight, handle_store
 
@@ -42,34 +44,21 @@ log = logging.getLogger("dcbnode.server")
 #: Uncompressed syntaxes are enough for query/retrieve requests (identifiers only).
 _QR_SYNTAXES = [str(uid) for uid in STORABLE_SYNTAXES[:4]]
 
-#: (event, module, handler name, SOP classes the handler serves)
+#: (event, handler, SOP classes the handler serves)
 _QR_SERVICES = [
-    (evt.EVT_C_FIND, "dcbnode.net.find_scp", "handle_find",
+    (evt.EVT_C_FIND, handle_find,
      [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]),
-    (evt.EVT_C_MOVE, "dcbnode.net.retrieve_scp", "handle_move",
+    (evt.EVT_C_MOVE, handle_move,
      [PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove]),
-    (evt.EVT_C_GET, "dcbnode.net.retrieve_scp", "handle_get",
+    (evt.EVT_C_GET, handle_get,
      [PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet]),
 ]
 
 
-def _load_handler(module: str, name: str) -> Callable[..., Any] | None:
-    """The Q/R handler if its module exists yet (they are developed separately)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return None
-        log.exception("cannot load %s.%s; the service is not offered", module, name)
-    except Exception:  # a broken Q/R module must not take storage down with it
-        log.exception("cannot load %s.%s; the service is not offered", module, name)
-    return None
-
-
-def build_ae(config: Config) -> AE:
+def build_ae(config: Config) -> NodeAE:
     """An AE configured from ``[node]`` and ``[access]``, with every supported context added."""
     node = config.node
-    ae = AE(ae_title=node.ae_title)
+    ae = NodeAE(ae_title=node.ae_title)
     # 0 means "no limit" both in our config and in pynetdicom.
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
@@ -83,7 +72,7 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-def apply_access(ae: AE, config: Config) -> None:
+def apply_access(ae: NodeAE, config: Config) -> None:
     """Apply ``[access]`` to ``ae``; pynetdicom reads these per association request, so a SIGHUP
     reload takes effect for every new association."""
     ae.require_called_aet = config.access.require_called_aet
@@ -109,11 +98,7 @@ class Node:
         ]
         if self.context.config.storage.accept_unknown_sop_classes:
             handlers.append((evt.EVT_REQUESTED, UnknownStorageClasses([str(uid) for uid in STORABLE_SYNTAXES])))
-        for event, module, name, sop_classes in _QR_SERVICES:
-            handler = _load_handler(module, name)
-            if handler is None:
-                log.info("%s not available (no %s.%s yet); not offering it", event.name, module, name)
-                continue
+        for event, handler, sop_classes in _QR_SERVICES:
             for sop_class in sop_classes:
                 self.ae.add_supported_context(sop_class, _QR_SYNTAXES)
             handlers.append((event, handler, [self.context]))
@@ -129,7 +114,7 @@ class Node:
         """Reserve the TCP port (an ``OSError`` now if it is taken), without accepting connections yet."""
         node = self.context.config.node
         self._server = self.ae.make_server((node.bind, node.port), evt_handlers=self._handlers,
-                                           server_class=_ListenLaterServer)
+                                           server_class=_ListenLaterServer, request_handler=NodeRequestHandler)
 
     def start(self) -> None:
         """Start accepting associations in a background thread (binds first if :meth:`bind` was not called)."""

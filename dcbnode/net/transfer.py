@@ -3,8 +3,8 @@
 Per instance the form is the first of :func:`~dcbnode.dcbs.available_syntaxes` (HTJ2K spliced without
 decoding, then the original lossy codestream, then Explicit, then Implicit VR Little Endian) that the peer
 accepted for its SOP class.  The rebuilt bytes go out as they are: an :class:`EncodedDataset` carries them
-through pynetdicom's C-STORE (``Association.send_c_store``), which :mod:`.wire` makes hand them over
-instead of re-encoding with pydicom, and send each message with one socket write.
+through ``send_c_store`` of dcbnode's associations (:mod:`.provider`), which hand them over instead of
+re-encoding with pydicom, and send each message with one socket write.
 
 An instance that cannot be sent (no accepted form, unreadable record, vanished peer) becomes an
 :class:`EncodedDataset` without bytes: pynetdicom's ``send_c_store`` then fails for it, which counts it
