@@ -168,7 +168,8 @@ def test_association_limit_rejection_is_logged_with_its_reason(running_node):
     assert wait_until(lambda: "association rejected from SECOND" in node.log()), node.log()
     line = next(line for line in node.log().splitlines() if "association rejected from SECOND" in line)
     assert "association limit reached (1 at once, node.max_associations)" in line, line
-    assert "result 2 rejected-transient, source 3 service-provider (presentation), reason 2 local-limit-exceeded" in line
+    assert ("result 2 rejected-transient, source 3 service-provider (presentation), reason 2 local-limit-exceeded"
+            in line)
 
 
 @pytest.mark.parametrize("policy", ["keep_first", "replace", "reject"])

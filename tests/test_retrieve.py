@@ -28,6 +28,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
+    CTImageStorage,
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -43,7 +44,7 @@ NODE_AET = "DCBNODE"
 FILES = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "SC_rgb.dcm", "examples_ybr_color.dcm"]
 HTJ2K_FILES = FILES[:4]  # the JPEG baseline instance keeps its lossy codestream: no HTJ2K form
 JPEG_FILE = "examples_ybr_color.dcm"
-DESTINATIONS = ["STORESCP", "HTJ2KONLY", "IMPLICIT", "JPEGONLY", "SLOW", "ABORTER"]
+DESTINATIONS = ["STORESCP", "HTJ2KONLY", "IMPLICIT", "JPEGONLY", "SLOW", "ABORTER", "DOWN", "REJECTER", "NOCONTEXT"]
 MANY = 30  # copies of CT_small with new UIDs, for cancel and abort
 
 
@@ -430,6 +431,48 @@ def test_move_jpeg_only_destination_gets_original_codestream(node: Node) -> None
 def test_move_unknown_destination(node: Node) -> None:
     responses = _move(node, "NOBODY", _image_identifier(list(_uids(["CT_small.dcm"], node))))
     assert [r.Status for r in responses] == [0xA801]
+
+
+def _unreachable_line(node: Node, destination: str) -> str:
+    """The node's one line about a destination it could not reach."""
+    marker = f"C-MOVE destination {destination}@{LOOPBACK}:{node.ports[destination]} could not be reached: "
+    assert wait_until(lambda: marker in node.log()), node.log()[-3000:]
+    return next(line for line in node.log().splitlines() if marker in line)
+
+
+def test_move_to_a_configured_destination_that_is_down(node: Node) -> None:
+    """Not A801 (the destination is known): C801 and an Error Comment naming the peer and the reason."""
+    dcmtk_tool("movescu")
+    result = run_dcmtk("movescu", ["-d", "-S", "-aet", "MOVESCU", "-aec", NODE_AET, "-aem", "DOWN",
+                                   "-k", "QueryRetrieveLevel=IMAGE",
+                                   "-k", "SOPInstanceUID=" + node.originals["CT_small.dcm"].SOPInstanceUID,
+                                   LOOPBACK, str(node.port)])
+    output = result.stdout + result.stderr
+    assert "DIMSE Status                  : 0xc801: Failed: Unable to process" in output, output
+    assert f"[DOWN@{LOOPBACK}:{node.ports['DOWN']} could not connect: Connection refused]" in output, output
+    assert "answering 0xC801" in _unreachable_line(node, "DOWN")
+
+
+def test_move_to_a_destination_that_rejects_the_association(node: Node) -> None:
+    ae = AE(ae_title="SOMEONE")  # not the title the node calls: rejected with reason 7
+    ae.require_called_aet = True
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server((LOOPBACK, node.ports["REJECTER"]), block=False)
+    try:
+        responses = _move(node, "REJECTER", _image_identifier([node.originals["CT_small.dcm"].SOPInstanceUID]))
+    finally:
+        server.shutdown()
+    assert [r.Status for r in responses] == [0xC801]
+    assert responses[0].ErrorComment.startswith(f"REJECTER@{LOOPBACK}:{node.ports['REJECTER']} rejected")
+    assert "reason 7 called-AE-title-not-recognized" in _unreachable_line(node, "REJECTER")
+
+
+def test_move_to_a_destination_that_accepts_no_context(node: Node) -> None:
+    with pynetdicom_scp("NOCONTEXT", node.ports["NOCONTEXT"], [JPEGBaseline8Bit]):  # never what CT_small has
+        responses = _move(node, "NOCONTEXT", _image_identifier([node.originals["CT_small.dcm"].SOPInstanceUID]))
+    assert [r.Status for r in responses] == [0xC801]
+    assert "accepted none of the" in _unreachable_line(node, "NOCONTEXT")
+    _assert_still_serving(node)
 
 
 def test_move_cancel(node: Node) -> None:

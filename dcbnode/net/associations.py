@@ -86,7 +86,7 @@ def rejection_reason(assoc: Association) -> str:
     ``assoc.requestor.primitive``; the reject codes say which of its checks failed (PS3.8 9.3.4).
     """
     sent, request = assoc.acceptor.primitive, assoc.requestor.primitive
-    result, source, reason = (getattr(sent, name, None) for name in ("result", "result_source", "diagnostic"))
+    source, reason = getattr(sent, "result_source", None), getattr(sent, "diagnostic", None)
     called = str(getattr(request, "called_ae_title", "") or "").strip()
     calling = str(getattr(request, "calling_ae_title", "") or "").strip()
     ae = assoc.ae
@@ -96,9 +96,14 @@ def rejection_reason(assoc: Association) -> str:
         (2, 1): "user identity not accepted",
         (3, 2): f"association limit reached ({ae.maximum_associations} at once, node.max_associations)",
     }.get((source, reason), "rejected")
-    codes = (f"result {result} {_RJ_RESULTS.get(result, '?')}, source {source} {_RJ_SOURCES.get(source, '?')}, "
-             f"reason {reason} {_RJ_REASONS.get(source, {}).get(reason, '?')}")
-    return f"{why} (A-ASSOCIATE-RJ {codes})"
+    return f"{why} (A-ASSOCIATE-RJ {reject_codes(sent)})"
+
+
+def reject_codes(primitive: object) -> str:
+    """An A-ASSOCIATE-RJ's result, source and reason, with their PS3.8 names."""
+    result, source, reason = (getattr(primitive, name, None) for name in ("result", "result_source", "diagnostic"))
+    return (f"result {result} {_RJ_RESULTS.get(result, '?')}, source {source} {_RJ_SOURCES.get(source, '?')}, "
+            f"reason {reason} {_RJ_REASONS.get(source, {}).get(reason, '?')}")
 
 
 def _on_aborted(event: Event) -> None:

@@ -49,6 +49,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
+from .move_destination import answer_unreachable
 from .wire import (
     EncodedDataset,
     EncodedMessage,
@@ -151,6 +152,7 @@ class NodeDIMSE(DIMSEServiceProvider):
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Queue the whole message as one :class:`~.wire.EncodedMessage` (see :mod:`.wire`)."""
+        answer_unreachable(self.assoc, primitive)  # A801 for a configured C-MOVE destination -> C801
         if getattr(primitive, "_dataset_path", None) is not None:  # streamed from a file by pynetdicom
             super().send_msg(primitive, context_id)
             return

@@ -5,7 +5,8 @@ rebuilds each instance in the best form the receiver accepted, and pynetdicom se
 Pending / final responses with their sub-operation counts.
 
 * C-MOVE: the destination comes only from ``[peers]``; an unknown AE title is answered A801 before
-  anything is sent.  The sub-association proposes, per SOP class needed, HTJ2K Lossless, HTJ2K, Explicit
+  anything is sent, a configured one that cannot be reached C801 with the reason
+  (:mod:`.move_destination`).  The sub-association proposes, per SOP class needed, HTJ2K Lossless, HTJ2K, Explicit
   and Implicit VR LE and the received syntax of lossy instances, one context each.
 * C-GET: the requester's storage contexts with the SCP role decide the form per instance.
 * C-CANCEL is answered FE00 before the next instance; a receiver that goes away (abort, dropped
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import (
 from ..archive.retrieve import RetrieveError, RetrieveMatch, find_retrieve_matches
 from ..index.query import STATUS_IDENTIFIER_MISMATCH
 from .context import NodeContext
+from .move_destination import DestinationAttempt
 from .transfer import accepted_storage_syntaxes, prepared_instances, storage_contexts
 
 __all__ = ["handle_get", "handle_move", "no_delay"]
@@ -160,15 +162,19 @@ def handle_move(event: Event, context: NodeContext) -> Iterator[Any]:
     destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip()
     peer = config.peers.get(destination)
     if peer is None:
+        event.assoc.dcbnode_move_attempt = None  # A801 as pynetdicom sends it
         context.log.warning("C-MOVE to unknown destination %r refused (A801)", destination)
         yield None, None
         return
+    # Read by move_destination.answer_unreachable when pynetdicom cannot establish the sub-association.
+    attempt = event.assoc.dcbnode_move_attempt = DestinationAttempt(peer, int(event.request.MessageID))
     matches, failure = _matches(event, context)
     receiver = _Receiver()
     contexts = storage_contexts(matches) or [build_context(Verification)]
     yield peer.host, peer.port, {"ae_title": peer.ae_title, "contexts": contexts,
                                  "evt_handlers": [(evt.EVT_ACCEPTED, receiver.accepted),
-                                                  (evt.EVT_CONN_CLOSE, receiver.connection_closed)]}
+                                                  (evt.EVT_CONN_CLOSE, receiver.connection_closed),
+                                                  *attempt.handlers]}
     if failure is not None:
         yield 1
         yield failure, None
@@ -176,7 +182,8 @@ def handle_move(event: Event, context: NodeContext) -> Iterator[Any]:
     yield len(matches)
     if not matches:
         return
-    # pynetdicom associated before resuming us; an unestablished association was already answered A801.
+    # pynetdicom associated before resuming us; an unestablished association was already answered
+    # (C801, see move_destination).
     receiver.ready.wait(_ACCEPT_WAIT)
     store_assoc = receiver.assoc
     accepted = accepted_storage_syntaxes(store_assoc.accepted_contexts) if store_assoc else {}

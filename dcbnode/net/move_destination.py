@@ -1,0 +1,108 @@
+"""A C-MOVE destination that cannot be reached is answered as such, not as "Move Destination Unknown".
+
+pynetdicom's C-MOVE SCP opens the sub-association itself once the handler has named the destination,
+and answers ``A801`` (Refused: Move Destination unknown) whenever that association is not established.
+For a destination that *is* configured in ``[peers]`` that sends the operator to the wrong place.  So:
+
+* the handler binds a :class:`DestinationAttempt` to the sub-association's events: it learns whether
+  the connection opened, whether the peer rejected the association (and with which A-ASSOCIATE-RJ), or
+  accepted none of the presentation contexts proposed; a connection that never opened is diagnosed
+  with one plain TCP connect, which gives the system's reason ("Connection refused", "timed out"…);
+* the node's DIMSE provider (:class:`~.provider.NodeDIMSE`) passes every message it sends through
+  :func:`answer_unreachable`: the final C-MOVE response pynetdicom sends as ``A801`` for a move with a
+  recorded attempt goes out as :data:`DESTINATION_UNREACHABLE` with an Error Comment naming the peer,
+  its address and the reason, and the node logs one line saying the same.
+
+``A801`` stays for AE titles that are not in ``[peers]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.events import Event
+
+from ..config import PeerConfig
+from .associations import reject_codes
+
+__all__ = ["DESTINATION_UNREACHABLE", "DestinationAttempt", "answer_unreachable"]
+
+log = logging.getLogger("dcbnode.retrieve")
+
+#: C-MOVE final status "Failed: Unable to process" (PS3.4 C.4.2.1.5, Cxxx) chosen for "the configured
+#: move destination could not be reached"; the Error Comment says which peer and why.
+DESTINATION_UNREACHABLE = 0xC801
+UNKNOWN_DESTINATION = 0xA801
+#: Seconds the diagnostic connect may take (only after pynetdicom's own connect failed).
+_DIAGNOSTIC_TIMEOUT = 5.0
+
+
+class DestinationAttempt:
+    """What happened when pynetdicom associated with a configured C-MOVE destination."""
+
+    def __init__(self, peer: PeerConfig, message_id: int) -> None:
+        self.peer = peer
+        self.message_id = message_id
+        self.connected = False
+        self.outcome = ""
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """Notification handlers to bind to the sub-association (pynetdicom's ``evt_handlers``)."""
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_REJECTED, self._rejected),
+                (evt.EVT_ABORTED, self._aborted)]
+
+    def _opened(self, _event: Event) -> None:
+        self.connected = True
+
+    def _rejected(self, event: Event) -> None:
+        self.outcome = f"rejected the association (A-ASSOCIATE-RJ {reject_codes(event.assoc.acceptor.primitive)})"
+
+    def _aborted(self, event: Event) -> None:
+        assoc = event.assoc
+        refused = assoc.rejected_contexts
+        if not self.connected:  # pynetdicom reports a failed connect as an abort too: reason() diagnoses it
+            return
+        if not assoc.accepted_contexts and refused:
+            classes = ", ".join(sorted({str(context.abstract_syntax) for context in refused}))
+            self.outcome = f"accepted none of the {len(refused)} presentation contexts proposed (SOP classes {classes})"
+        else:
+            self.outcome = "aborted the association request, or did not answer it within node.acse_timeout"
+
+    def reason(self) -> str:
+        """Why the destination could not be reached, in a few words."""
+        if self.outcome:
+            return self.outcome
+        if self.connected:
+            return "closed the connection during association negotiation"
+        try:
+            with socket.create_connection((self.peer.host, self.peer.port), timeout=_DIAGNOSTIC_TIMEOUT):
+                return "could not connect (it accepted a connection a moment later: retry)"
+        except OSError as exc:
+            return f"could not connect: {exc.strerror or exc}"
+
+    @property
+    def address(self) -> str:
+        """``AET@host:port``."""
+        return f"{self.peer.ae_title}@{self.peer.host}:{self.peer.port}"
+
+
+def answer_unreachable(assoc: Any, primitive: Any) -> None:
+    """Called by the node's DIMSE provider (:class:`~.provider.NodeDIMSE`) for every message it sends: a
+    C-MOVE response ``A801`` for a move with a recorded attempt becomes :data:`DESTINATION_UNREACHABLE`
+    with the reason in its Error Comment, and one line is logged."""
+    if not isinstance(primitive, C_MOVE) or primitive.Status != UNKNOWN_DESTINATION:
+        return
+    attempt = getattr(assoc, "dcbnode_move_attempt", None)
+    if not isinstance(attempt, DestinationAttempt) or attempt.message_id != primitive.MessageIDBeingRespondedTo:
+        return
+    assoc.dcbnode_move_attempt = None
+    reason = attempt.reason()
+    log.warning("C-MOVE destination %s could not be reached: %s; answering 0x%04X",
+                attempt.address, reason, DESTINATION_UNREACHABLE)
+    primitive.Status = DESTINATION_UNREACHABLE
+    primitive.ErrorComment = f"{attempt.address} {reason}"[:64]
