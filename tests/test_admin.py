@@ -119,8 +119,37 @@ def test_init_is_idempotent_and_config_errors_exit_2(tmp_path: Path) -> None:
     assert "node.port" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert admin(tmp_path / "missing.toml", "stats", check=2).stderr.count("\n") == 1
-    # other commands create the data directory and index when missing
-    assert admin_json(make_config(tmp_path / "b", tmp_path / "other"), "stats")["instances"] == 0
+    assert admin_json(config, "stats")["instances"] == 0  # an empty archive once init made it
+
+
+@pytest.mark.parametrize("command", [["stats"], ["ls"], ["query"], ["verify"], ["export", "--study", "1.2.3", "out"],
+                                     ["delete", "--study", "1.2.3"], ["compact"]])
+def test_commands_that_do_not_create_an_archive_say_there_is_none(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "nowhere"
+    result = admin(make_config(tmp_path, missing), *command, check=2)
+    assert f"no archive at {missing}: the data folder does not exist" in result.stderr, result.stderr
+    assert "dcbnode-admin init" in result.stderr and "Traceback" not in result.stderr
+    assert not missing.exists()
+    # A folder that exists but holds no index (e.g. a typo pointing at another folder) stays untouched too.
+    missing.mkdir()
+    result = admin(make_config(tmp_path, missing), *command, check=2)
+    assert "it has no index (index.sqlite)" in result.stderr, result.stderr
+    assert list(missing.iterdir()) == []
+
+
+def test_without_config_says_which_data_folder_it_uses(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dcbnode.cli.admin", *args], cwd=tmp_path, text=True,
+                              capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+    note = f"dcbnode-admin: no --config given: built-in defaults, data folder {tmp_path / 'dcbnode-data'}, no [peers]"
+    stats = run("stats", "--json")
+    assert stats.returncode == 2 and stats.stderr.splitlines()[0] == note, stats.stderr
+    assert stats.stdout == "" and not (tmp_path / "dcbnode-data").exists()
+    assert run("init").returncode == 0 and (tmp_path / "dcbnode-data" / "index.sqlite").is_file()
+    stats = run("stats", "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["instances"] == 0
+    assert stats.stderr.splitlines() == [note]
 
 
 def test_import_reports_failures_and_stats(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def cmd_init(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         result = _mt().stats(archive)
     if args.json:
         emit_json(result)
@@ -213,7 +213,7 @@ def _describe(selection) -> str:  # selection: maintenance.Selection
 
 
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         selected = _mt().select_instances(archive, _selection(args))
         if not selected:
             raise UsageError(f"no instances match {_describe(_selection(args))}")
@@ -251,7 +251,7 @@ def _date_range(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     low, high = _date_range(args)
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         studies = _mt().list_series(archive, patient=args.patient, date_from=low, date_to=high, modality=args.modality)
     if args.json:
         emit_json(studies)
@@ -264,7 +264,7 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         report = _verification().verify(archive, Progress("verify", enabled=not args.json))
     if args.json:
         emit_json({"volumes": report.volumes, "records": report.records, "frames": report.frames,
@@ -340,7 +340,7 @@ def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_delete(args: argparse.Namespace, config: Config) -> int:
     selection = _selection(args)
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         selected = _mt().select_instances(archive, selection)
         if not selected:
             raise UsageError(f"no instances match {_describe(selection)}")
@@ -365,7 +365,7 @@ def cmd_compact(args: argparse.Namespace, config: Config) -> int:
             time.sleep(3600)
 
     results, failures = [], []
-    with _Session(config) as archive:
+    with _Session(config, create=False) as archive:
         volumes = _compaction().compactable_volumes(archive)
         progress = Progress("compact", enabled=not args.json)
         for number, path in enumerate(volumes, 1):
@@ -417,10 +417,27 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
 }
 
 
-class _Session:
-    """``with _Session(config) as archive``: the archive (created if missing), closed afterwards."""
+def _require_existing(config: Config) -> None:
+    """:class:`UsageError` unless the data folder (and a SQLite index) exist: a read-only command must not
+    create an empty archive and report on it."""
+    node = config.node
+    where = "--config" if config.source is None else f"node.data_dir in {config.source}"
+    if not node.data_dir.is_dir():
+        raise UsageError(f"no archive at {node.data_dir.resolve()}: the data folder does not exist; check {where} "
+                         "(the node's configuration file), or run 'dcbnode-admin init' to create an empty archive")
+    index = node.data_dir / "index.sqlite"
+    if node.resolved_database_url.startswith("sqlite") and not node.database_url and not index.is_file():
+        raise UsageError(f"no archive at {node.data_dir.resolve()}: it has no index ({index.name}); check {where}, "
+                         "or run 'dcbnode-admin reindex' to build the index from its volumes")
 
-    def __init__(self, config: Config) -> None:
+
+class _Session:
+    """``with _Session(config) as archive``: the archive, closed afterwards.  Created if missing, except
+    for the read-only commands (``create=False``)."""
+
+    def __init__(self, config: Config, *, create: bool = True) -> None:
+        if not create:
+            _require_existing(config)
         self.archive = _open(config)
 
     def __enter__(self) -> Archive:
@@ -436,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"pydicom\..*")  # per-file problems are reported as failures
     try:
         config = load_config(args.config)
+        if args.config is None:  # never silently: the defaults suit a development checkout only
+            print(f"{PROG}: no --config given: built-in defaults, data folder {config.node.data_dir.resolve()},"
+                  " no [peers]", file=sys.stderr)
         return _HANDLERS[args.command](args, config)
     except (ConfigError, UsageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
