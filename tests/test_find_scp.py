@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -97,11 +98,21 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     archive.close()
 
 
-def _find(node: Node, model: object, **keys: object) -> list[tuple[int, Dataset | None]]:
+def _find(node: Node, model: object, extended: bytes | None = None,
+          **keys: object) -> list[tuple[int, Dataset | None]]:
+    """C-FIND from a stock pynetdicom SCU; ``extended``: its SOP Class Extended Negotiation proposal."""
     ae = AE(ae_title="FINDSCU")
     ae.add_requested_context(model)
-    assoc = ae.associate(node.host, node.port, ae_title=AET)
+    ext_neg = []
+    if extended is not None:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid, item.service_class_application_information = model, extended
+        ext_neg.append(item)
+    assoc = ae.associate(node.host, node.port, ae_title=AET, ext_neg=ext_neg)
     assert assoc.is_established
+    if HAVE_CLI:  # the node's EVT_SOP_EXTENDED handler: byte 2 (combined date-time) only
+        accepted = assoc.acceptor.sop_class_extended.get(str(model))
+        assert accepted == (None if extended is None else bytes(int(i == 1 and b == 1) for i, b in enumerate(extended)))
     ds = Dataset()
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
@@ -196,3 +207,14 @@ def test_dcmtk_findscu_patient_root(node: Node, tmp_path: Path) -> None:
                                     node.host, str(node.port)], timeout=60)
     output = (refused.stdout + refused.stderr).lower()
     assert "a900" in output or "doesnotmatchsopclass" in output, output
+
+
+@pytest.mark.parametrize("extended, matches", [(None, 0), (b"\x00\x00", 0), (b"\x01\x01\x01", 1), (b"\x00\x01", 1)])
+def test_combined_datetime_only_when_negotiated(node: Node, extended: bytes | None, matches: int) -> None:
+    """PS3.4 C.2.2.2.5.2: StudyDate 20040118-20040119 with StudyTime 1200-0800 is one range, from the 18th at
+    noon to the 19th at 08:00, only for a peer that negotiated combined date-time matching (byte 2); the
+    study (20040119 07:27:30) matches then, and never when the two ranges are matched separately."""
+    responses = _find(node, StudyRootQueryRetrieveInformationModelFind, extended, QueryRetrieveLevel="STUDY",
+                      StudyInstanceUID=node.study, StudyDate="20040118-20040119", StudyTime="1200-0800")
+    assert responses[-1][0] == 0x0000
+    assert len(responses) - 1 == matches

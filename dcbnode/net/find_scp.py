@@ -44,6 +44,21 @@ def failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+def negotiate_extended(event: Event) -> dict[str, bytes]:
+    """``evt.EVT_SOP_EXTENDED`` handler: answer the C-FIND extended negotiation (PS3.4 C.5.1.1).
+
+    Of its fields the node supports byte 2, combined date-time matching: it is accepted (1) when proposed.
+    Relational queries (byte 1), fuzzy semantic matching of names (3), timezone adjustment (4) and the
+    others are answered 0, field for field as proposed.  Other SOP classes get no reply item (not
+    supported).  The accepted value is what :func:`handle_find` then reads from ``assoc.acceptor``.
+    """
+    replies = {}
+    for sop_class, proposed in (event.app_info or {}).items():
+        if str(sop_class) in _MODELS and proposed:
+            replies[str(sop_class)] = bytes(1 if index == 1 and flag == 1 else 0 for index, flag in enumerate(proposed))
+    return replies
+
+
 def _combined_datetime(event: Event, sop_class: str) -> bool:
     """Whether combined date-time matching was negotiated (extended negotiation byte 2, PS3.4 C.5.1.1)."""
     info = getattr(event.assoc.acceptor, "sop_class_extended", {}) or {}

@@ -33,7 +33,7 @@ from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
 from .associations import ASSOCIATION_HANDLERS
 from .context import NodeContext
-from .find_scp import handle_find
+from .find_scp import handle_find, negotiate_extended
 from .provider import NodeAE, NodeRequestHandler
 from .retrieve_scp import handle_get, handle_move
 from .sop_classes import UnknownStorageClasses, add_storage_contexts
@@ -94,6 +94,7 @@ class Node:
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
         handlers: list[tuple[Any, ...]] = [
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
+            (evt.EVT_SOP_EXTENDED, negotiate_extended),  # combined date-time matching for C-FIND
             *ASSOCIATION_HANDLERS,
         ]
         if self.context.config.storage.accept_unknown_sop_classes:
