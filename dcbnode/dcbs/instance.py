@@ -35,6 +35,7 @@ from .pixels import (
     htj2k_from_native,
     htj2k_output_photometric,
     native_dtype,
+    swap_native_bytes,
     uses_colour_transform,
     zstd_compress,
 )
@@ -278,7 +279,7 @@ def _encode_native(
 ) -> tuple[ImageInfo, list[tuple[str, bytes]], dict[str, bytes]]:
     dtype = native_dtype(image.bits_allocated, image.pixel_representation, image.pixel_tag)
     if split.transfer_syntax == ExplicitVRBigEndian:
-        value = _little_endian(value, image)
+        value = swap_native_bytes(value, image.bits_allocated, image.pixel_vr)
     _check_length(value, expected)
     if dtype is None:  # 1-bit: frames are not byte aligned, keep the whole value as one blob
         return replace(image, packed=True), [(Codec.ZSTD, zstd_compress(value))], {}
@@ -327,18 +328,6 @@ def reencoded(stored: StoredInstance) -> EncodedInstance:
 def has_raw_frames(meta: InstanceMeta) -> bool:
     """Whether a record still holds frames whose compression was deferred."""
     return any(entry.codec == Codec.RAW for entry in meta.frames)
-
-
-def _little_endian(value: bytes, image: ImageInfo) -> bytes:
-    """Big endian input: swap each sample, or each 16-bit word of 8-bit data held as OW."""
-    size = {"OB": 1, "OF": 4, "OD": 8}.get(image.pixel_vr, max(2, image.bits_allocated // 8))
-    if image.bits_allocated == 1:
-        size = 2 if image.pixel_vr == "OW" else 1
-    if size == 1:
-        return value
-    usable = len(value) - len(value) % size
-    swapped = np.frombuffer(value, dtype=f">u{size}", count=usable // size).astype(f"<u{size}")
-    return swapped.tobytes() + value[usable:]
 
 
 def _expected_length(dataset: Dataset) -> int:
@@ -435,9 +424,10 @@ def _keep_htj2k(split, image, original, codestreams, keep, extra):
         if ours.shape != array.shape or not np.array_equal(ours, array):
             return replace(original, native_photometric=photometric), keep, extra
         frames.append((Codec.HTJ2K, codestream))
+    # The fragments and Basic Offset Table are kept too: in its own syntax the instance comes back as sent.
     info = replace(image, source=PixelSource.HTJ2K, native_photometric=photometric,
-                   htj2k_photometric=image.photometric)
-    return info, frames, {}
+                   htj2k_photometric=image.photometric, fragments=original.fragments)
+    return info, frames, extra
 
 
 def _transcode(split, image, original, keep, extra):

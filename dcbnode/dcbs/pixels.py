@@ -45,6 +45,19 @@ def native_dtype(bits_allocated: int, pixel_representation: int, pixel_tag: int)
     return np.dtype(f"<{kind}{bits_allocated // 8}")
 
 
+def swap_native_bytes(value: bytes, bits_allocated: int, vr: str) -> bytes:
+    """Native Pixel Data between big and little endian (PS3.5 A.3): each sample swapped, or each 16-bit
+    word of 8-bit or 1-bit data held as OW; OB is a byte stream.  Its own inverse."""
+    size = {"OB": 1, "OF": 4, "OD": 8}.get(vr, max(2, bits_allocated // 8))
+    if bits_allocated == 1:
+        size = 2 if vr == "OW" else 1
+    if size == 1:
+        return value
+    usable = len(value) - len(value) % size
+    swapped = np.frombuffer(value, dtype=f">u{size}", count=usable // size).astype(f"<u{size}")
+    return swapped.tobytes() + value[usable:]
+
+
 def frame_shape(rows: int, columns: int, samples: int) -> tuple[int, ...]:
     """Array shape of one interleaved frame."""
     return (rows, columns) if samples == 1 else (rows, columns, samples)
