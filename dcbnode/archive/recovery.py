@@ -76,7 +76,7 @@ def resolve_generations(archive: Archive) -> list[Path]:
     for path in volume_files(archive):
         try:
             with path.open("rb") as file:
-                volume_id = unpack_file_header(file.read(FILE_HEADER_SIZE))
+                volume_id = unpack_file_header(file.read(FILE_HEADER_SIZE)).volume_id
         except (OSError, ValueError):
             continue  # damaged header: verify reports it
         groups.setdefault((path.parent, volume_id), []).append(path)

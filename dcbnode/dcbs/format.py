@@ -15,7 +15,15 @@ import imagecodecs
 
 _LIBDEFLATE_FROM = 4096  #: bytes; see crc32
 FILE_MAGIC = b"\x89DCBS\r\n\x1a"
-FORMAT_VERSION = 1
+#: Version 2 volumes may hold records that version 1 code would misread (pixel data kept encapsulated
+#: because no decoder reads it, metadata fields added since); version 1 code refuses them with
+#: "unsupported DCBS format version 2; upgrade dcbnode to read it".  Version 1 volumes are read as they
+#: are and become version 2 when this code first appends to them.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
+#: Bits of the file header's ``flags`` naming features a reader must know to read the volume at all; a
+#: reader refuses a volume with a bit it does not know.  None is defined yet.
+KNOWN_FEATURES = 0
 #: magic, version u16, header size u16, flags u32, volume id (16 bytes), reserved (28), crc u32
 FILE_HEADER = struct.Struct("<8sHHI16s28sI")
 FILE_HEADER_SIZE = FILE_HEADER.size  # 64
@@ -54,24 +62,37 @@ def crc32(data: bytes | memoryview) -> int:
     return zlib.crc32(data)
 
 
-def pack_file_header(volume_id: bytes) -> bytes:
-    """Encode the 64-byte file header of a new volume."""
-    body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE, 0, volume_id, b"\0" * 28, 0)
+def pack_file_header(volume_id: bytes, *, version: int = FORMAT_VERSION, features: int = 0) -> bytes:
+    """Encode the 64-byte file header of a volume."""
+    body = FILE_HEADER.pack(FILE_MAGIC, version, FILE_HEADER_SIZE, features, volume_id, b"\0" * 28, 0)
     return body[:-4] + struct.pack("<I", crc32(body[:-4]))
 
 
-def unpack_file_header(data: bytes) -> bytes:
-    """Validate a file header and return the volume id; raise ``ValueError`` saying what is wrong."""
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """A volume's file header, decoded."""
+
+    volume_id: bytes
+    version: int
+    features: int
+
+
+def unpack_file_header(data: bytes) -> FileHeader:
+    """Validate a file header; raise ``ValueError`` saying what is wrong (and, for a volume a newer
+    dcbnode wrote, what to do)."""
     if len(data) < FILE_HEADER_SIZE:
         raise ValueError("file is shorter than a DCBS file header")
-    magic, version, size, _flags, volume_id, _reserved, crc = FILE_HEADER.unpack_from(data)
+    magic, version, size, features, volume_id, _reserved, crc = FILE_HEADER.unpack_from(data)
     if magic != FILE_MAGIC:
         raise ValueError("not a DCBS volume (bad magic)")
     if crc != crc32(data[: FILE_HEADER_SIZE - 4]):
         raise ValueError("file header checksum mismatch")
-    if version != FORMAT_VERSION or size != FILE_HEADER_SIZE:
-        raise ValueError(f"unsupported DCBS format version {version}; upgrade dcbnode to read it")
-    return volume_id
+    if version not in READABLE_VERSIONS or size != FILE_HEADER_SIZE:
+        raise ValueError(f"written by a newer dcbnode (DCBS format version {version}); upgrade dcbnode to read it")
+    if features & ~KNOWN_FEATURES:
+        raise ValueError(f"written by a newer dcbnode (DCBS format features 0x{features & ~KNOWN_FEATURES:x}); "
+                         "upgrade dcbnode to read it")
+    return FileHeader(volume_id, version, features)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import zstandard
 
@@ -160,7 +160,10 @@ def _unpack(block: bytes, *, derive: bool = False) -> tuple[InstanceMeta, Instan
     (json_length,) = _JSON_LENGTH.unpack_from(block)
     start = _JSON_LENGTH.size
     document = json.loads(block[start : start + json_length])
+    _check_known(document, InstanceMeta)
     image = document.pop("image")
+    if image:
+        _check_known(image, ImageInfo)
     frames = [FrameEntry(**entry) for entry in document.pop("frames")]
     position = start + json_length
     if derive and any(key not in document for key in _DERIVED):
@@ -175,6 +178,17 @@ def _unpack(block: bytes, *, derive: bool = False) -> tuple[InstanceMeta, Instan
     if position != len(block):
         raise ValueError("metadata block length does not match its blobs")
     return meta, InstanceBlobs(**values)
+
+
+class NewerRecordError(ValueError):
+    """A record holds fields this code does not know: a newer dcbnode wrote it."""
+
+
+def _check_known(document: dict, kind: type) -> None:
+    unknown = set(document) - {item.name for item in fields(kind)}
+    if unknown:
+        raise NewerRecordError(f"written by a newer dcbnode (fields {', '.join(sorted(unknown))}); "
+                               "upgrade dcbnode to read it")
 
 
 def frame_table(frames: list[tuple[str, bytes]], known_crcs: list[int | None] | None = None) -> list[FrameEntry]:

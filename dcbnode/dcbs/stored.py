@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .dictionary import find_dictionary, restore_codestream
-from .errors import CorruptRecordError
+from .errors import CorruptRecordError, DcbsFormatError
 from .format import RECORD_HEADER_SIZE, MetaLayout, RecordKind
-from .record import Codec, InstanceBlobs, InstanceMeta, unpack_content, unpack_meta
+from .record import Codec, InstanceBlobs, InstanceMeta, NewerRecordError, unpack_content, unpack_meta
 from .volume import RecordLocation, Volume
 
 
@@ -40,6 +40,8 @@ class StoredInstance:
                 meta, blobs = unpack_meta(block)
         except CorruptRecordError:
             raise
+        except NewerRecordError as exc:
+            raise DcbsFormatError(f"{volume.path}: record at offset {offset}: {exc}") from None
         except Exception as exc:  # json, zstd and dataclass errors: the block is damaged
             raise CorruptRecordError(volume.path, offset, f"unreadable record metadata: {exc}") from exc
         frames_start = offset + RECORD_HEADER_SIZE + header.meta_length

@@ -79,20 +79,16 @@ class Item:
     undefined_length: bool
 
 
-def transcode(data: bytes, source: Encoding, target: Encoding, *, recompute_group_lengths: bool = False,
-              pixel_representation: int | None = None) -> bytes:
+def transcode(data: bytes, source: Encoding, target: Encoding, *, recompute_group_lengths: bool = False) -> bytes:
     """``data`` (a run of top-level elements in ``source``) re-encoded in ``target``.
 
-    ``pixel_representation`` settles "US or SS" elements read with implicit VR when the run does not
-    hold (0028,0103) itself (the suffix after Pixel Data).  Raises :class:`InvalidDatasetError` when the
-    bytes do not form complete elements.
+    Raises :class:`InvalidDatasetError` when the bytes do not form complete elements.
     """
     if source == target and not recompute_group_lengths:
         return bytes(data)
     elements = parse(data, source)
     if source.implicit_vr and not target.implicit_vr:
-        representation = pixel_representation(elements, source, pixel_representation)
-        resolve_vrs(elements, representation)
+        resolve_vrs(elements, pixel_representation(elements, source))
     return encode(elements, source, target, recompute_group_lengths=recompute_group_lengths)
 
 

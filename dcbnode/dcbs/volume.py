@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, TypeVar
 from .errors import CorruptRecordError, DcbsError, DcbsFormatError
 from .format import (
     FILE_HEADER_SIZE,
+    FORMAT_VERSION,
     RECORD_HEADER_SIZE,
+    FileHeader,
     MetaLayout,
     RecordHeader,
     RecordKind,
@@ -73,9 +75,10 @@ class Volume:
     between threads.
     """
 
-    def __init__(self, path: Path, fd: int, writable: bool, volume_id: bytes) -> None:
+    def __init__(self, path: Path, fd: int, writable: bool, header: FileHeader) -> None:
         self.path = path
-        self.volume_id = volume_id
+        self.volume_id = header.volume_id
+        self.format_version = header.version
         self.writable = writable
         self._fd = fd
         self._lock = threading.Lock()
@@ -103,11 +106,11 @@ class Volume:
         except FileNotFoundError:
             raise VolumeNotFoundError(f"{path}: no such volume") from None
         try:
-            volume_id = _read_file_header(path, fd)
+            header = _read_file_header(path, fd)
         except BaseException:
             os.close(fd)
             raise
-        volume = cls(path, fd, writable, volume_id)
+        volume = cls(path, fd, writable, header)
         if writable:
             with volume._locked():
                 volume._refresh_end()
@@ -198,6 +201,7 @@ class Volume:
         payload_length = len(meta) + sum(len(part) for part in data_parts)
         header = RecordHeader(kind, payload_length, len(meta), crc32(meta), layout, dictionary_id)
         with self._locked_for_append():
+            self._upgrade_format()
             if on_written is not None:
                 return self._append_locked(header, meta, data_parts, on_written, concurrent=True)
             callback = None if on_durable is None else lambda location, _wait: on_durable(location)
@@ -214,9 +218,22 @@ class Volume:
                 if entry.header.kind == kind:
                     return entry
             meta = make_meta()
+            self._upgrade_format()
             header = RecordHeader(kind, len(meta), len(meta), crc32(meta))
             location, _ = self._append_locked(header, meta, (), None)
             return RecordEntry(location, header)
+
+    def _upgrade_format(self) -> None:
+        """Make a version 1 volume version 2 before this code appends to it (under the append lock), so
+        that version 1 code refuses it rather than misreads what is appended.  The 64-byte header lies in
+        the file's first disk sector, which is written whole."""
+        if self.format_version >= FORMAT_VERSION:
+            return
+        current = _read_file_header(self.path, self._fd)
+        if current.version < FORMAT_VERSION:
+            os.pwrite(self._fd, pack_file_header(current.volume_id, features=current.features), 0)
+            os.fsync(self._fd)
+        self.format_version = FORMAT_VERSION
 
     def cut_back(self, offset: int, expected_end: int) -> bool:
         """Cut the records from ``offset`` (a record boundary) to the end off the file, durably, but only
@@ -412,7 +429,7 @@ class _VolumeLock:
             self._lock.release()
 
 
-def _read_file_header(path: Path, fd: int) -> bytes:
+def _read_file_header(path: Path, fd: int) -> FileHeader:
     data = os.pread(fd, FILE_HEADER_SIZE, 0)
     try:
         return unpack_file_header(data)
