@@ -199,14 +199,17 @@ class Archive:
 
     def store(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         *,
         source_ae_title: str = "",
         transfer_syntax: str | None = None,
+        file_meta: bytes | None = None,
         expected_sop_instance_uid: str | None = None,
         defer_compression: bool = False,
     ) -> StoreResult:
-        """Store Part-10 bytes; returns only once the instance is fsynced and committed in the index.
+        """Store Part-10 bytes, or a dataset as received (``transfer_syntax`` and the ``file_meta`` group to
+        keep with it, as the C-STORE SCP has them); returns only once the instance is fsynced and committed
+        in the index.
 
         ``expected_sop_instance_uid`` (a C-STORE's Affected SOP Instance UID) must match the dataset's.
         ``defer_compression`` stores native frames uncompressed (codec ``raw``) and marks the volume for
@@ -215,7 +218,7 @@ class Archive:
         stored faithfully, :class:`DuplicateInstanceError` under the "reject" policy, and
         :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
         """
-        parsed = parse_instance(data, transfer_syntax=transfer_syntax)
+        parsed = parse_instance(data, transfer_syntax=transfer_syntax, file_meta=file_meta)
         if expected_sop_instance_uid is not None and parsed.sop_instance_uid != expected_sop_instance_uid:
             raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
         # Looked up first only when that saves a compression; the index commit checks again anyway.

@@ -72,15 +72,22 @@ class SplitDataset:
     encoding: Encoding  #: how the dataset was really encoded (its header and suffix are now Explicit VR LE)
 
 
-def split_dataset(data: bytes, *, transfer_syntax: str | None = None) -> SplitDataset:
-    """Parse Part-10 bytes (or a bare dataset with ``transfer_syntax``) and split it.
+def split_dataset(data: bytes | memoryview, *, transfer_syntax: str | None = None,
+                  file_meta: bytes | None = None) -> SplitDataset:
+    """Parse Part-10 bytes (or a bare dataset with ``transfer_syntax``, and ``file_meta`` to keep with it:
+    what a C-STORE delivers) and split it.
 
     Every element keeps its value bytes as received: a dataset that is not Explicit VR Little Endian
     has only its element headers rewritten (``transcode``), a deflated one is inflated first.
     Raises :class:`InvalidDatasetError` when the stream cannot be parsed.
     """
-    meta_start, meta_end = _meta_start(data), _file_meta_end(data)
-    syntax = transfer_syntax or _meta_transfer_syntax(data[meta_start:meta_end])
+    data = bytes(data)
+    if file_meta is None:
+        meta_start, meta_end = _meta_start(data), _file_meta_end(data)
+        file_meta = data[meta_start:meta_end]
+    else:
+        meta_end = 0
+    syntax = transfer_syntax or _meta_transfer_syntax(file_meta)
     if syntax is None:  # no file meta: let pydicom guess the encoding, as dcmread does
         syntax = _guessed_syntax(data, meta_end)
     syntax = UID(syntax)
@@ -106,7 +113,7 @@ def split_dataset(data: bytes, *, transfer_syntax: str | None = None) -> SplitDa
         header, suffix = _slice_explicit(body, pixel_element)
     else:
         header, suffix = _transcoded(body, encoding, pixel_tag)
-    return SplitDataset(dataset, syntax, data[meta_start:meta_end], header, suffix, _spans(header),
+    return SplitDataset(dataset, syntax, file_meta, header, suffix, _spans(header),
                         pixel_element, len(data) - meta_end, encoding)
 
 

@@ -137,12 +137,14 @@ class ParsedInstance:
         return EncodedInstance(meta, blobs, [data for _, data in frames], split.dataset)
 
 
-def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> ParsedInstance:
-    """Parse Part-10 bytes and check what storing requires: a supported syntax and valid UIDs.
+def parse_instance(data: bytes | memoryview, *, transfer_syntax: str | None = None,
+                   file_meta: bytes | None = None) -> ParsedInstance:
+    """Parse Part-10 bytes (or a dataset as received, with its ``transfer_syntax`` and the ``file_meta``
+    to keep) and check what storing requires: a supported syntax and valid UIDs.
 
     Raises :class:`InvalidDatasetError` (or a subclass) with a reason fit for a DICOM Error Comment.
     """
-    split = split_dataset(data, transfer_syntax=transfer_syntax)
+    split = split_dataset(data, transfer_syntax=transfer_syntax, file_meta=file_meta)
     if not is_storable_syntax(split.transfer_syntax):
         raise UnsupportedTransferSyntaxError(f"transfer syntax {split.transfer_syntax} is not supported")
     return ParsedInstance(split, _required_uids(split.dataset))

@@ -97,19 +97,6 @@ def status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def part10_bytes(event: Event, calling_aet: str) -> bytes:
-    """The received dataset as Part-10 bytes, without decoding it.
-
-    Like ``event.encoded_dataset()``, but the file meta is dcbnode's own and names the sender in
-    SourceApplicationEntityTitle (PS3.10 7.1), which pynetdicom 3.0 leaves out; the archive keeps it
-    and recovery re-indexes the source AE from it.  The caller validates the request's UIDs first.
-    """
-    request = event.request
-    meta = received_file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                              event.context.transfer_syntax, calling_aet)
-    return b"".join((b"\0" * 128, b"DICM", meta, request.DataSet.getbuffer()))
-
-
 def handle_store(event: Event, context: NodeContext, in_flight: InFlight) -> Dataset | int:
     """``evt.EVT_C_STORE`` handler: store the dataset, answer with the status of the outcome."""
     started = time.perf_counter()
@@ -147,7 +134,11 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
     try:
         if not (is_valid_uid(requested_uid) and is_valid_uid(str(event.request.AffectedSOPClassUID or ""))):
             return status(DATASET_MISMATCH, "the C-STORE request's SOP UIDs are not valid UIDs")
-        stored = archive.store(part10_bytes(event, calling_aet), source_ae_title=calling_aet,
+        # The file meta is dcbnode's own and names the sender in Source Application Entity Title
+        # (PS3.10 7.1), which pynetdicom leaves out; recovery re-indexes the source AE from it.
+        request = event.request
+        file_meta = received_file_meta(str(request.AffectedSOPClassUID), requested_uid, syntax, calling_aet)
+        stored = archive.store(request.DataSet.getbuffer(), file_meta=file_meta, source_ae_title=calling_aet,
                                transfer_syntax=syntax, expected_sop_instance_uid=requested_uid,
                                defer_compression=config.node.compression == "deferred")
     except (UndecodablePixelDataError, UnsupportedTransferSyntaxError) as exc:
