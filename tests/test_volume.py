@@ -421,7 +421,7 @@ def test_flipped_file_header_byte(tmp_path: Path) -> None:
 
 
 def _future_version_header() -> bytes:
-    body = FILE_HEADER.pack(FILE_MAGIC, 2, FILE_HEADER_SIZE, 0, b"\x01" * 16, b"\0" * 28, 0)[:-4]
+    body = FILE_HEADER.pack(FILE_MAGIC, 3, FILE_HEADER_SIZE, 0, b"\x01" * 16, b"\0" * 28, 0)[:-4]
     return body + crc32(body).to_bytes(4, "little")
 
 
@@ -431,7 +431,7 @@ def _future_version_header() -> bytes:
     pytest.param(np.random.default_rng(1).bytes(5000), "bad magic", id="random"),
     pytest.param(CT_SMALL.read_bytes(), "bad magic", id="dicom"),
     pytest.param(b"DCMCUBES" + b"\0" * 200, "bad magic", id="dicube-magic"),
-    pytest.param(_future_version_header(), "unsupported DCBS format version 2", id="future-version"),
+    pytest.param(_future_version_header(), "written by a newer dcbnode (DCBS format version 3)", id="future-version"),
 ])
 @pytest.mark.parametrize("writable", [False, True], ids=["read-only", "writable"])
 def test_not_a_dcbs_volume(tmp_path: Path, content: bytes, message: str, writable: bool) -> None:
