@@ -25,8 +25,8 @@ from sqlalchemy import event
 from dcbnode.archive import Archive
 from dcbnode.config import QueryConfig
 from dcbnode.dcbs.dataset_split import parse_explicit_le
-from dcbnode.index import query as query_module
 from dcbnode.index.query import QueryError, build_select, parse_identifier, run_query
+from dcbnode.index.query import run as query_run
 
 CHARSET_DIR = Path(pydicom.__file__).parent / "data" / "charset_files"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -392,13 +392,13 @@ def test_batches_give_the_same_responses(archive: Archive, monkeypatch: pytest.M
                                          model: str, keys: dict) -> None:
     """Small batches (several grouped look-ups per query) answer exactly what one batch does."""
     whole = find(archive, level, model, **keys)
-    monkeypatch.setattr(query_module, "_FETCH_BATCH", 3)
+    monkeypatch.setattr(query_run, "_FETCH_BATCH", 3)
     assert find(archive, level, model, **keys) == whole
     assert len(whole) > 3
 
 
 def test_derived_values_by_hand(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(query_module, "_FETCH_BATCH", 2)
+    monkeypatch.setattr(query_run, "_FETCH_BATCH", 2)
     expected = {uid: (sorted({m for _, m, _ in s[5]}), len(s[5]), sum(n for _, _, n in s[5]))
                 for uid, s in STUDIES.items()}
     found = {r.StudyInstanceUID: r for r in find(archive, "STUDY", StudyInstanceUID="", ModalitiesInStudy="",
