@@ -35,6 +35,7 @@ from dcbnode.net.context import NodeContext
 from dcbnode.net.find_scp import handle_find
 
 AET = "DCBNODE"
+CHARSET_DIR = Path(pydicom.__file__).parent / "data" / "charset_files"
 BULK_STUDIES = 20000  #: studies of patient "MANY", inserted directly, for C-CANCEL mid-stream
 HAVE_CLI = importlib.util.find_spec("dcbnode.cli.node") is not None
 
@@ -218,3 +219,27 @@ def test_combined_datetime_only_when_negotiated(node: Node, extended: bytes | No
                       StudyInstanceUID=node.study, StudyDate="20040118-20040119", StudyTime="1200-0800")
     assert responses[-1][0] == 0x0000
     assert len(responses) - 1 == matches
+
+
+def test_iso_2022_study_answered_in_its_own_set_over_the_network(running_node) -> None:
+    """A Japanese (ISO 2022 IR 87) and a Korean (ISO 2022 IR 149) study from pydicom's charset_files, stored
+    and queried over the network by stock pynetdicom SCUs: the responses declare the study's set and carry
+    the name as ISO 2022 bytes (escape sequences), which decode to the name as stored."""
+    from conftest import scu_store
+
+    node = running_node()
+    files = {"chrH31.dcm": ["", "ISO 2022 IR 87"], "chrI2.dcm": ["", "ISO 2022 IR 149"]}
+    originals = {name: pydicom.dcmread(CHARSET_DIR / name) for name in files}
+    for ds in originals.values():  # the files share UIDs with other test files: store fresh copies
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    assert [s.Status for s in scu_store(node, list(originals.values()))] == [0, 0]
+    for name, charset in files.items():
+        original = originals[name]
+        found = _find(Node(node.host, node.port, "", []), StudyRootQueryRetrieveInformationModelFind,
+                      QueryRetrieveLevel="STUDY", StudyInstanceUID=original.StudyInstanceUID, PatientName="")
+        [(status, identifier)] = found[:-1]
+        assert status == 0xFF00 and identifier.SpecificCharacterSet == charset
+        raw = identifier.PatientName.original_string  # the bytes received
+        assert b"\x1b$" in raw, raw  # ISO 2022 escape sequences: not UTF-8
+        assert str(identifier.PatientName) == str(original.PatientName)

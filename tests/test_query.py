@@ -311,13 +311,39 @@ def test_names_in_each_character_set(archive: Archive, charset: object, name: st
             assert str(response.PatientName) == name
 
 
-def test_latin1_response_keeps_the_stored_set(archive: Archive) -> None:
+def test_response_keeps_the_stored_set(archive: Archive) -> None:
     [r] = find(archive, "STUDY", PatientName="BUC^J*", PatientID="SCSFREN", StudyInstanceUID="")[:1]
     assert r.SpecificCharacterSet == "ISO_IR 100" and r.PatientName == "Buc^Jérôme"
-    [k] = find(archive, "STUDY", PatientID="2008-3", PatientName="")
-    assert k.SpecificCharacterSet == "ISO_IR 192" and k.PatientName == "김희중"
     [a] = find(archive, "STUDY", PatientID="P3", PatientName="")
     assert "SpecificCharacterSet" not in a
+
+
+@pytest.mark.parametrize(("patient_id", "charset", "name"), [
+    ("2008-3", ["", "ISO 2022 IR 149"], "김희중"),
+    ("I2EXAMPLE", ["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    ("H31EXAMPLE", ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    ("H32EXAMPLE", ["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
+    ("X2EXAMPLE", "GB18030", "Wang^XiaoDong=王^小东"),
+])
+def test_iso_2022_and_multibyte_studies_are_answered_in_their_own_set(archive: Archive, patient_id: str,
+                                                                       charset: object, name: str) -> None:
+    """The charset files' own sets (pydicom charset_files), and the name decoded from the encoded response."""
+    [response] = find(archive, "STUDY", PatientID=patient_id, PatientName="", StudyInstanceUID="")
+    assert response.SpecificCharacterSet == charset
+    assert str(response.PatientName) == name
+
+
+def test_a_value_the_study_set_cannot_hold_makes_the_response_utf8() -> None:
+    from dcbnode.index.query.charset import response_charset
+
+    assert response_charset(["Buc^Jérôme"], "ISO_IR 100") == "ISO_IR 100"
+    assert response_charset(["Buc^Jérôme", "山田"], "ISO_IR 100") == "ISO_IR 192"
+    assert response_charset(["やまだ^たろう"], "\\ISO 2022 IR 87") == ["", "ISO 2022 IR 87"]
+    assert response_charset(["Jérôme"], "\\ISO 2022 IR 87") == "ISO_IR 192"  # the default repertoire is ASCII
+    assert response_charset(["김희중"], "\\ISO 2022 IR 87") == "ISO_IR 192"
+    assert response_charset(["山田"], "ISO 2022 IR 13\\ISO 2022 IR 87") == ["ISO 2022 IR 13", "ISO 2022 IR 87"]
+    assert response_charset(["김희중"], "NOT A CHARSET") == "ISO_IR 192"
+    assert response_charset(["plain"], "\\ISO 2022 IR 87") == ""
 
 
 def test_every_charset_file_is_findable(archive: Archive) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pydicom import config as pydicom_config
-from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -13,6 +12,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.valuerep import IS, PersonName
 
+from .charset import response_charset
 from .keys import Query, level_of
 from .sql import derived_needed
 
@@ -121,18 +121,3 @@ def build_response(plan: ResponsePlan, row: tuple, derived: dict[str, dict[int, 
     if charset:
         ds.SpecificCharacterSet = charset
     return ds
-
-
-def response_charset(texts: list[str], stored: str) -> str:
-    """"" for ASCII; the study's stored single-byte set when it encodes every value; else UTF-8."""
-    if all(text.isascii() for text in texts):
-        return ""
-    codec = python_encoding.get(stored) if stored else None
-    if codec and "\\" not in stored and stored != "ISO_IR 192":
-        try:
-            for text in texts:
-                text.encode(codec)
-            return stored
-        except UnicodeEncodeError:
-            pass
-    return "ISO_IR 192"
