@@ -345,3 +345,14 @@ def test_compact_timer_units_pass_systemd_analyze_verify(tmp_path: Path) -> None
     shutil.copyfile(REPO_ROOT / "systemd" / "dcbnode-compact.timer", timer)
     assert _unit_settings(timer.read_text(encoding="utf-8"))["Persistent"] == ["true"]
     _assert_verified(analyze, tmp_path / "dcbnode-compact.service", timer)
+
+
+def test_node_extends_the_start_timeout_while_it_recovers(path_listener: NotifyListener, running_node) -> None:
+    """A real ``dcbnode serve`` under a notify socket: before recovery it asks systemd for more time
+    (EXTEND_TIMEOUT_USEC) and says so in its status, and only then sends READY=1."""
+    node = running_node()
+    received = [path_listener.receive() for _ in range(3)]
+    assert received[0] == "EXTEND_TIMEOUT_USEC=300000000", received
+    assert received[1] == "STATUS=recovering the archive: listing volumes", received
+    assert received[2].startswith("READY=1\n") and f"port {node.port}" in received[2], received
+    assert re.search(r"recovery: 0 volume\(s\).* in \d+\.\d s", node.log()), node.log()

@@ -12,6 +12,7 @@ import faulthandler
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,6 +190,42 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         lock.release()
 
 
+class _RecoveryProgress:
+    """Keeps systemd waiting while recovery runs, and says how far it got.
+
+    The unit's start timeout (``TimeoutStartSec=``, 90 s by default) runs until READY=1, which comes after
+    recovery.  On a large archive, or after a crash that left many volumes to re-read, recovery can take
+    longer: systemd would kill the node and restart it, into the same recovery, forever.  So the node asks
+    for :data:`_EXTEND` more seconds at the start and then every :data:`_EVERY` seconds while volumes
+    are checked (``EXTEND_TIMEOUT_USEC``), with a status line (``systemctl status``) and, every
+    :data:`_LOG_EVERY` seconds, a log line.  A recovery that hangs stops asking: systemd still ends it.
+    """
+
+    def __init__(self) -> None:
+        self.started = self._notified = self._logged = time.monotonic()
+        service_notify.extend_timeout(_EXTEND)
+        service_notify.status("recovering the archive: listing volumes")
+
+    def __call__(self, number: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._notified >= _EVERY:
+            self._notified = now
+            service_notify.extend_timeout(_EXTEND)
+            service_notify.status(f"recovering the archive: {number} of {total} volumes checked")
+        if now - self._logged >= _LOG_EVERY:
+            self._logged = now
+            log.info("recovery: %d of %d volume(s) checked after %.0f s", number, total, now - self.started)
+
+    def elapsed(self) -> float:
+        """Seconds since recovery started."""
+        return time.monotonic() - self.started
+
+
+#: Recovery asks systemd for this many more seconds each time (longer than its slowest step between two
+#: volumes: listing and reading every volume's header before the first one), every _EVERY seconds.
+_EXTEND, _EVERY, _LOG_EVERY = 300.0, 10.0, 30.0
+
+
 def _recover_and_serve(node: Node, overrides: dict[str, object], signals: _Signals) -> int:
     from ..archive.compressor import Compressor
     from ..archive.recovery import recover
@@ -197,10 +234,11 @@ def _recover_and_serve(node: Node, overrides: dict[str, object], signals: _Signa
     # Runs in either mode: volumes left uncompressed under "deferred" still get compressed after a switch.
     compressor = Compressor(archive, node_cfg.compression_delay)
     try:
-        report = recover(archive)
+        progress = _RecoveryProgress()
+        report = recover(archive, progress)
         log.info("recovery: %d volume(s), %d torn byte(s) cut, %d instance(s) indexed, %d removed, "
-                 "%d byte(s) of unacknowledged duplicates cut", report.volumes, report.torn_bytes_cut,
-                 report.instances_indexed, report.instances_removed, report.duplicates_cut)
+                 "%d byte(s) of unacknowledged duplicates cut, in %.1f s", report.volumes, report.torn_bytes_cut,
+                 report.instances_indexed, report.instances_removed, report.duplicates_cut, progress.elapsed())
         for problem in report.problems:
             log.error("recovery problem: %s", problem)
         if signals.stop_pending():
