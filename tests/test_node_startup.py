@@ -7,6 +7,7 @@ installed package's metadata.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import REPO, scu_store, write_config
+from conftest import POSTGRES_ENV, REPO, _postgres_database, scu_store, stop_node, write_config
 from peers import LOOPBACK, free_port
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -80,3 +81,21 @@ def test_version(module: str, program: str) -> None:
                             timeout=60, check=True)
     line = result.stdout.strip()
     assert line.startswith(f"{program} {version('dcbnode')} (Python ") and "pynetdicom " in line, line
+
+
+def test_nodes_with_postgresql_share_a_folder_a_sqlite_node_does_not(running_node, tmp_path: Path) -> None:
+    """PostgreSQL nodes hold the folder's lock shared (the scale-out design), SQLite nodes exclusively."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL variant")
+    database = _postgres_database(base)
+    url = next(database)
+    try:
+        first = running_node(name="first", database_url=url)
+        second = running_node(name="second", data_dir=first.data_dir, database_url=url)  # starts: shared lock
+        result = _serve(tmp_path, first.data_dir, free_port())  # SQLite on the same folder
+        assert result.returncode == 2 and "in use by another dcbnode" in result.stderr, result.stderr
+        assert "PostgreSQL index" in result.stderr
+        assert stop_node(second) == 0 and stop_node(first) == 0  # before their database goes
+    finally:
+        database.close()
