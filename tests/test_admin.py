@@ -234,6 +234,12 @@ def test_peers_and_echo(running_node, tmp_path: Path) -> None:
     assert {p["ae_title"] for p in admin_json(config, "peers")} == {"DCBNODE", "NOBODY"}
     assert admin_json(config, "echo", "DCBNODE")["ok"]
     assert admin_json(config, "echo", "NOBODY", check=1)["ok"] is False
+    # The cause, as for a C-MOVE destination: the connection, or the A-ASSOCIATE-RJ (ADMIN calls "NOBODY").
+    assert "could not connect: Connection refused" in admin(config, "echo", "NOBODY", check=1).stdout
+    wrong = write_config(tmp_path / "wrong.toml", {
+        "node": {"data_dir": str(tmp_path / "admin-data"), "ae_title": "ADMIN"},
+        "peers.WRONGAET": {"host": node.host, "port": node.port}})
+    assert "reason 7 called-AE-title-not-recognized" in admin(wrong, "echo", "WRONGAET", check=1).stdout
     assert "unknown peer" in admin(config, "echo", "ELSEWHERE", check=2).stderr
 
 

@@ -9,6 +9,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from ..config import Config, PeerConfig
+from .move_destination import DestinationAttempt
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,11 @@ def echo(config: Config, peer: PeerConfig) -> EchoResult:
     ae.network_timeout = config.node.network_timeout
     ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    attempt = DestinationAttempt(peer, 0)  # why an association failed, as for a C-MOVE destination
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=attempt.handlers)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return EchoResult(peer.ae_title, peer.host, peer.port, False, None, time.monotonic() - started, reason)
+        return EchoResult(peer.ae_title, peer.host, peer.port, False, None, time.monotonic() - started,
+                          attempt.reason())
     try:
         status = assoc.send_c_echo()
     finally:
