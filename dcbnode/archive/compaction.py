@@ -48,6 +48,7 @@ from ..index.models import Instance, VolumeRow
 from ..index.writer import clear_compression_pending, volume_row
 from .archive import Archive, volume_generation, volume_stem
 from .recovery import resolve_generations, volume_files
+from .rewrite_lock import rewriting
 
 _COPY_CHUNK = 8 << 20
 
@@ -79,13 +80,21 @@ def needs_compaction(path: Path) -> bool:
         return records != len(live) or any(has_raw_frames(stored.meta) for stored in live.values())
 
 
-def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None] | None = None) -> CompactResult | None:
+def compact_volume(archive: Archive, path: Path, *, pause: Callable[[str], None] | None = None,
+                   wait: bool = True) -> CompactResult | None:
     """Rewrite one volume without its dead records (see the module docstring); None if nothing to do,
     or if another compaction (the node's compressor, another ``dcbnode-admin compact``) replaced the
     volume first.
 
+    Holds the data folder's rewrite lock (:mod:`.rewrite_lock`) throughout: while a backup copies the
+    volumes this waits, or with ``wait=False`` raises :class:`~.rewrite_lock.RewritesPaused` at once.
     ``pause(step)`` is called between the steps (tests use it to crash at a chosen moment).
     """
+    with rewriting(archive.data_dir, wait=wait):
+        return _compact_volume(archive, path, pause)
+
+
+def _compact_volume(archive: Archive, path: Path, pause: Callable[[str], None] | None) -> CompactResult | None:
     old_relative = archive.index_path(path)
     try:
         lock_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

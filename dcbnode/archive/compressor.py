@@ -6,6 +6,7 @@ This thread then compacts each series volume that holds raw frames once no insta
 it for ``delay`` seconds: :func:`~.compaction.compact_volume` re-encodes the records (verified
 lossless) into the volume's next generation, crash-safe at every step, and clears the volume's
 ``pending_compression`` mark in the index.  Volumes marked before a restart are picked up again.
+While ``dcbnode-admin backup`` copies the volumes, compression waits (:mod:`.rewrite_lock`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..dcbs import DcbsError
 from ..index.writer import clear_compression_pending
 from .archive import Archive
 from .compaction import compact_volume
+from .rewrite_lock import RewritesPaused
 
 log = logging.getLogger("dcbnode.compress")
 
@@ -85,9 +87,13 @@ class Compressor:
             return 0
         started = time.perf_counter()
         try:
-            result = compact_volume(self.archive, path, pause=self._pause)
+            result = compact_volume(self.archive, path, pause=self._pause, wait=False)
         except CompressionStopped:
             self.archive.pending.note(stem)  # the index still marks it: the next start does it
+            return 0
+        except RewritesPaused:
+            log.debug("not compressing %s while a backup copies the volumes", path)
+            self.archive.pending.note(stem)  # after the backup
             return 0
         except Exception as exc:  # a full disk, a volume that needs a reindex first, or a bug: later again
             expected = isinstance(exc, (DcbsError, OSError))

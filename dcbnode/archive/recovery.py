@@ -37,6 +37,7 @@ from ..index.writer import (
     upsert_instance,
 )
 from .archive import VOLUMES_DIR, Archive, volume_generation, volume_stem
+from .rewrite_lock import rewriting
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,12 @@ class RecoveryReport:
 
 def volume_files(archive: Archive) -> list[Path]:
     """Every volume file under the data directory, sorted (one file per volume once generations are resolved)."""
-    return sorted(p for p in (archive.data_dir / VOLUMES_DIR).rglob("*.dcbs") if not p.name.startswith("."))
+    return volume_files_in(archive.data_dir)
+
+
+def volume_files_in(data_dir: Path) -> list[Path]:
+    """Every volume file under ``data_dir``, sorted (no archive needed: backup and restore use it)."""
+    return sorted(p for p in (data_dir / VOLUMES_DIR).rglob("*.dcbs") if not p.name.startswith("."))
 
 
 def resolve_generations(archive: Archive) -> list[Path]:
@@ -83,7 +89,8 @@ def resolve_generations(archive: Archive) -> list[Path]:
     removed: list[Path] = []
     for paths in groups.values():
         if len(paths) > 1:
-            removed += _resolve_group(archive, sorted(paths, key=lambda path: volume_generation(path.name)))
+            with rewriting(archive.data_dir):  # removes files: never while a backup copies them
+                removed += _resolve_group(archive, sorted(paths, key=lambda path: volume_generation(path.name)))
     return removed
 
 

@@ -51,6 +51,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "reindex": ("rebuild the index from the volumes", "dcbnode-admin reindex"),
     "upgrade": ("bring the index schema up to this version (stop the node first)",
                 "dcbnode-admin upgrade --config /etc/dcbnode/dcbnode.toml"),
+    "backup": ("copy the archive consistently into a new folder (while the node runs)",
+               "dcbnode-admin backup /srv/backup/dcbnode-$(date +%F)"),
+    "restore": ("put a backup back into an empty data folder and index (node stopped)",
+                "dcbnode-admin restore /srv/backup/dcbnode-2024-05-01 --config /etc/dcbnode/dcbnode.toml"),
     "delete": ("delete instances (tombstones); needs --yes",
                "dcbnode-admin delete --series 1.2.3.4.5            # shows what would be deleted\n"
                "  dcbnode-admin delete --series 1.2.3.4.5 --yes"),
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub[name].add_argument("--modality", metavar="CODE", help="e.g. CT, MR")
     _selection_args(sub["delete"])
     sub["delete"].add_argument("--yes", action="store_true", help="really delete")
+    sub["backup"].add_argument("destination", type=Path, metavar="DEST", help="a new (or empty) folder")
+    sub["restore"].add_argument("source", type=Path, metavar="SRC", help="a folder 'dcbnode-admin backup' wrote")
     sub["echo"].add_argument("peer", metavar="AET", help="AE title of a [peers.<AET>] entry")
     return parser
 
@@ -338,6 +344,72 @@ def cmd_upgrade(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from ..archive.backup import BackupError, backup
+    from ..archive.index_dump import IndexDumpError
+
+    hold = os.environ.get("DCBNODE_ADMIN_BACKUP_HOLD")  # test hook: seconds to wait once the index is copied
+
+    def pause(step: str) -> None:
+        print(f"holding after: {step}", file=sys.stderr, flush=True)
+        time.sleep(float(hold or 0))
+
+    def on_wait() -> None:
+        if not args.json:
+            print("waiting for a running compaction to finish its volume", file=sys.stderr, flush=True)
+
+    node = config.node
+    try:
+        manifest = backup(node.data_dir, node.resolved_database_url, args.destination, on_wait=on_wait,
+                          progress=Progress("backup (bytes)", enabled=not args.json), pause=pause if hold else None)
+    except (BackupError, IndexDumpError) as exc:
+        return _failed(exc)
+    if args.json:
+        emit_json({"destination": str(args.destination), "database": manifest.database, "created": manifest.created,
+                   "schema_revision": manifest.schema_revision, "volumes": len(manifest.volumes),
+                   "bytes": manifest.bytes})
+    else:
+        print(f"backed up {len(manifest.volumes)} volumes and the {manifest.database} index "
+              f"({human_bytes(manifest.bytes)}) to {args.destination}; restore with "
+              f"'dcbnode-admin restore {args.destination}'")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from ..archive.backup import BackupError, restore
+    from ..archive.index_dump import IndexDumpError
+    from ..index.schema import head_revision
+
+    node = config.node
+    lock = _no_node_running(node.data_dir, "restoring into it")
+    try:
+        manifest = restore(args.source, node.data_dir, node.resolved_database_url,
+                           progress=Progress("restore (bytes)", enabled=not args.json))
+    except (BackupError, IndexDumpError) as exc:
+        return _failed(exc)
+    finally:
+        if lock is not None:
+            lock.release()
+    upgrade = manifest.schema_revision != head_revision()
+    if args.json:
+        emit_json({"source": str(args.source), "data_dir": str(node.data_dir), "database": manifest.database,
+                   "created": manifest.created, "schema_revision": manifest.schema_revision,
+                   "volumes": len(manifest.volumes), "bytes": manifest.bytes, "needs_upgrade": upgrade})
+    else:
+        print(f"restored {len(manifest.volumes)} volumes and the index ({human_bytes(manifest.bytes)}, backed up "
+              f"{manifest.created}) into {node.data_dir}")
+        then = "'dcbnode-admin upgrade', then " if upgrade else ""
+        print(f"next: {then}'dcbnode-admin verify', then start the node (its recovery indexes what arrived while "
+              "the backup ran)")
+    return 0
+
+
+def _failed(exc: BaseException) -> int:
+    """Report a command that could not go on (the message says what to do); exit status 1."""
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return 1
+
+
 def cmd_delete(args: argparse.Namespace, config: Config) -> int:
     selection = _selection(args)
     with _Session(config, create=False) as archive:
@@ -413,7 +485,7 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "init": cmd_init, "stats": cmd_stats, "import": cmd_import, "export": cmd_export, "ls": cmd_ls,
     "query": cmd_ls, "verify": cmd_verify, "reindex": cmd_reindex, "upgrade": cmd_upgrade, "delete": cmd_delete,
-    "compact": cmd_compact, "echo": cmd_echo, "peers": cmd_peers,
+    "compact": cmd_compact, "backup": cmd_backup, "restore": cmd_restore, "echo": cmd_echo, "peers": cmd_peers,
 }
 
 
