@@ -18,7 +18,8 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import REPO, read_back, rebuilt_part10, wait_until, write_config
+from conftest import REPO, read_back, rebuilt_part10, scu_store, wait_until, write_config
+from faithful import ct_series
 from peers import LOOPBACK, free_port
 from pydicom.data import get_testdata_file
 from sqlalchemy import create_engine, text
@@ -142,3 +143,17 @@ def test_upgrade_refuses_while_a_node_runs(running_node, tmp_path: Path) -> None
     node = running_node()
     result = admin(make_config(tmp_path, node.data_dir), "upgrade", check=2)
     assert "in use by another dcbnode" in result.stderr and "before upgrading the index" in result.stderr
+
+
+def test_a_node_that_created_its_index_keeps_its_sqlite_locks(running_node) -> None:
+    """Creating the schema must not drop the POSIX locks SQLite holds in the node's process (closing any
+    descriptor of the database file would): else the next process to close a connection to the index
+    thinks it is the last one and deletes the WAL under the running node."""
+    node = running_node()  # a fresh folder: the node creates the index
+    assert all(status.Status == 0 for status in scu_store(node, ct_series(2)))
+    wal = node.data_dir / "index.sqlite-wal"
+    assert wal.exists()
+    connection = sqlite3.connect(node.data_dir / "index.sqlite")
+    assert connection.execute("SELECT count(*) FROM instances").fetchone() == (2,)
+    connection.close()
+    assert wal.exists(), "another process deleted the WAL of the running node"

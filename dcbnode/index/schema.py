@@ -11,8 +11,7 @@ index is at is in its ``alembic_version`` table.
 - an index at a revision this code does not know was upgraded by a newer dcbnode: refused too.
 
 Upgrades are serialized between processes: a PostgreSQL advisory lock held by the upgrade's
-transaction, or an ``flock`` on the SQLite database file (SQLite itself uses POSIX locks, which do
-not conflict with it).
+transaction, or an ``flock`` on the folder of the SQLite database file.
 """
 
 from __future__ import annotations
@@ -186,7 +185,9 @@ def _exclusive(engine: Engine) -> Iterator[Connection]:
         with engine.begin() as connection:
             yield connection
         return
-    fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    # The folder, never the database file: closing any descriptor of the file would drop the POSIX locks
+    # SQLite's own connections in this process hold on it, and another process could then delete the WAL.
+    fd = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with engine.begin() as connection:
