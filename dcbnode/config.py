@@ -39,6 +39,7 @@ __all__ = [
     "NodeConfig",
     "PeerConfig",
     "QueryConfig",
+    "RetrieveConfig",
     "StorageConfig",
     "load_config",
 ]
@@ -64,6 +65,9 @@ LOG_LEVELS: Final[tuple[str, ...]] = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: "deferred": acknowledge with the frames stored uncompressed, compress the series once it goes quiet;
 #: "inline": compress before acknowledging (see docs/configuration.md).
 COMPRESSION_MODES: Final[tuple[str, ...]] = ("deferred", "inline")
+#: The names ``[retrieve] syntax_preference`` ranks transfer syntaxes by (see net/transfer.preferred_order).
+SYNTAX_PREFERENCE_NAMES: Final[tuple[str, ...]] = ("original", "htj2k", "explicit", "implicit")
+DEFAULT_SYNTAX_PREFERENCE: Final[tuple[str, ...]] = SYNTAX_PREFERENCE_NAMES
 #: Used only when no configuration file is given (development, tests).
 DEFAULT_DATA_DIR: Final[Path] = Path("dcbnode-data")
 
@@ -177,6 +181,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RetrieveConfig:
+    """The ``[retrieve]`` table: how instances are sent (C-GET, C-MOVE)."""
+
+    #: which accepted transfer syntax an instance goes out in, most wanted first
+    syntax_preference: tuple[str, ...] = DEFAULT_SYNTAX_PREFERENCE
+
+
+@dataclass(frozen=True)
 class Config:
     """The complete, validated node configuration."""
 
@@ -185,6 +197,7 @@ class Config:
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     query: QueryConfig = field(default_factory=QueryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     source: Path | None = None
 
     def with_peers_and_access_from(self, other: Config) -> Config:
@@ -348,6 +361,15 @@ def _choice(allowed: tuple[str, ...], *, upper: bool = False) -> _Validator:
     return check
 
 
+def _syntax_preference(value: object, key: str) -> tuple[str, ...]:
+    names = ", ".join(f'"{name}"' for name in SYNTAX_PREFERENCE_NAMES)
+    if not isinstance(value, list) or not value or any(item not in SYNTAX_PREFERENCE_NAMES for item in value):
+        raise ConfigError(key, f"must be a list of some of {names}, most wanted first; got {_show(value)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, f"names each syntax once; got {_show(value)}")
+    return tuple(value)
+
+
 def _ae_title_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, f'must be a list of AE titles such as ["MODALITY1"], got {_show(value)}')
@@ -384,8 +406,9 @@ _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
     "max_responses": _int_between(0, None),
 }
 _STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {"accept_unknown_sop_classes": _bool}
-_TABLES: Final = ("node", "access", "peers", "query", "storage")
-_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query] and [storage]"
+_RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference}
+_TABLES: Final = ("node", "access", "peers", "query", "storage", "retrieve")
+_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage] and [retrieve]"
 
 
 def _require_table(value: object, key: str, hint: str) -> dict[str, object]:
@@ -439,12 +462,14 @@ def _build_config(raw: dict[str, object], source: Path | None) -> Config:
     access = _section(raw, "access", _ACCESS_SCHEMA)
     query = _section(raw, "query", _QUERY_SCHEMA)
     storage = _section(raw, "storage", _STORAGE_SCHEMA)
+    retrieve = _section(raw, "retrieve", _RETRIEVE_SCHEMA)
     return Config(
         node=NodeConfig(**node),
         access=AccessConfig(**access),
         peers=_build_peers(raw.get("peers", {})),
         query=QueryConfig(**query),
         storage=StorageConfig(**storage),
+        retrieve=RetrieveConfig(**retrieve),
         source=source,
     )
 

@@ -222,11 +222,8 @@ def read_back(data_dir: Path, database_url: str = "") -> Any:
 
 
 def rebuilt_part10(archive: Any, sop_instance_uid: str) -> bytes:
-    """The stored instance rebuilt in the syntax it was received in, as Part-10 bytes.
-
-    Lossless-compressed input (RLE, JPEG-LS, J2K lossless…) is stored as HTJ2K and cannot be rebuilt in
-    its original syntax: it comes back as Explicit VR Little Endian, pixel-identical.
-    """
+    """The stored instance rebuilt in the syntax it was received in, as Part-10 bytes (Explicit VR Little
+    Endian if it cannot be: a lossless re-encoding the encoder refuses)."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     from dcbnode.dcbs import available_syntaxes, rebuild

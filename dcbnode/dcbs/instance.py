@@ -6,6 +6,7 @@ node's C-STORE SCP and ``dcbnode-admin import``: one code path for every way dat
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from .pixels import (
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource, frame_table, meta_content
 from .stored import StoredInstance
 from .syntaxes import HTJ2K_LOSSLESS_SYNTAXES, TRANSCODED_LOSSLESS_SYNTAXES, is_lossy_syntax, is_storable_syntax
+
+log = logging.getLogger(__name__)
 
 #: PS3.5 9.1 as hospitals meet it: digits and dots, no empty component, at most 64 characters.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -357,13 +360,20 @@ def _encode_encapsulated(
                        fragments=[[len(f) for f in fragments] for fragments in fragmented])
     extra = {"basic_offsets": basic_offsets}
     keep = [(Codec.ORIGINAL, codestream) for codestream in codestreams]
-    if is_lossy_syntax(syntax):
-        decoded_photometric = _check_decodable(split.dataset, syntax, raw=False)
-        return replace(original, native_photometric=decoded_photometric), keep, extra
-    if syntax in HTJ2K_LOSSLESS_SYNTAXES:
-        return _keep_htj2k(split, image, original, codestreams, keep, extra)
-    if syntax in TRANSCODED_LOSSLESS_SYNTAXES:
-        return _transcode(split, image, original, keep, extra)
+    try:
+        if is_lossy_syntax(syntax):
+            decoded_photometric = _check_decodable(split.dataset, syntax, raw=False)
+            return replace(original, native_photometric=decoded_photometric), keep, extra
+        if syntax in HTJ2K_LOSSLESS_SYNTAXES:
+            return _keep_htj2k(split, image, original, codestreams, keep, extra)
+        if syntax in TRANSCODED_LOSSLESS_SYNTAXES:
+            return _transcode(split, image, original, keep, extra)
+    except UndecodablePixelDataError as exc:
+        # Taken as sent, as an archive must: the codestreams are kept byte for byte (checksummed, never
+        # re-encoded) and served in their own syntax only, since no pixel of them can be checked.
+        log.warning("%s: %s; stored as received, served in %s only", split.dataset.get("SOPInstanceUID", "?"),
+                    exc.reason, syntax.name)
+        return replace(original, decodable=False), keep, extra
     raise UnsupportedTransferSyntaxError(f"transfer syntax {syntax} is not supported")
 
 
@@ -449,4 +459,4 @@ def _transcode(split, image, original, keep, extra):
     info = replace(image, source=PixelSource.TRANSCODED, native_photometric=photometric,
                    htj2k_photometric=htj2k_photometric, planar_configuration=0 if image.samples_per_pixel > 1
                    else None)
-    return info, frames, {}
+    return info, frames, extra  # the received Basic Offset Table: re-encoded output fills one only if it had one

@@ -16,6 +16,7 @@ import zstandard
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 
+from . import imagecodecs_decoder
 from .errors import UndecodablePixelDataError
 from .record import Codec, ImageInfo
 from .syntaxes import is_lossy_syntax
@@ -31,6 +32,7 @@ _ZSTD_LEVEL = 3
 _DECOMPOSITIONS = 7
 _DECOMPOSITIONS_MIN_SIDE = 1 << _DECOMPOSITIONS
 log = logging.getLogger(__name__)
+imagecodecs_decoder.register()  # 12-bit JPEG Extended that GDCM and pylibjpeg cannot decode
 
 
 def native_dtype(bits_allocated: int, pixel_representation: int, pixel_tag: int) -> np.dtype | None:

@@ -33,8 +33,9 @@ from pydicom.uid import (
 )
 
 from .dataset_split import explicit_elements, span_key
-from .errors import DcbsError
+from .errors import DcbsError, UndecodablePixelDataError
 from .file_meta import even, file_meta_group, writer_elements
+from .lossless_encoders import ENCODERS, encode_lossless
 from .pixels import decode_frame, htj2k_from_native, native_frame_bytes, swap_native_bytes, zstd_decompress
 from .record import Codec, ImageInfo, InstanceBlobs, InstanceMeta, PixelSource
 from .transcode import EXPLICIT_LE, Encoding, element_header, encoding_of, top_level_spans, transcode
@@ -84,10 +85,12 @@ def available_syntaxes(meta: InstanceMeta) -> list[UID]:
         native.append(received)  # Big Endian or Deflated, written from the stored bytes
     if image is None:
         return native if received in native else [received, *native]
+    if not image.decodable:
+        return [received]  # kept as received: no decoder reads it, so nothing else can be made of it
     syntaxes: list[UID] = []
     if image.htj2k_photometric is not None:
         syntaxes.extend(_HTJ2K_OUTPUTS)
-    if image.source == PixelSource.ORIGINAL:
+    if image.source == PixelSource.ORIGINAL or (image.source == PixelSource.TRANSCODED and received in ENCODERS):
         syntaxes.append(received)
     return syntaxes + native
 
@@ -114,6 +117,12 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
     elif syntax in _HTJ2K_OUTPUTS:
         header = _patch(header, meta, image.htj2k_photometric, 0)
         pixel = _encapsulated(image, b"", _htj2k_frames(frames, meta), None)
+    elif syntax == meta.received_syntax and image.source == PixelSource.TRANSCODED:
+        # Received lossless in another codec and stored as HTJ2K: encoded into it again, verified; the
+        # header says what it said on arrival.
+        header = _patch(header, meta, None, None)
+        pixel = _encapsulated(image, b"", _reencoded_frames(frames, meta, syntax), None, image.pixel_vr,
+                              offset_table=bool(blobs.basic_offsets))
     else:
         planar = image.planar_configuration if image.source == PixelSource.NATIVE else 0
         header = _patch(header, meta, image.native_photometric, planar)
@@ -122,6 +131,18 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
     recompute = syntax != meta.received_syntax or header is not blobs.header
     dataset = _encode(header, pixel, blobs.suffix, syntax, recompute_group_lengths=recompute)
     return RebuiltInstance(syntax, _file_meta(meta, blobs, syntax), dataset)
+
+
+def _reencoded_frames(frames: FrameSource, meta: InstanceMeta, syntax: UID) -> Iterator[bytes]:
+    """The frames decoded from their stored form and encoded losslessly in ``syntax`` (verified)."""
+    image = meta.image
+    assert image is not None
+    for index, entry in enumerate(meta.frames):
+        array = decode_frame(entry.codec, frames(index), image, meta.received_syntax)
+        try:
+            yield encode_lossless(array, image, syntax)
+        except UndecodablePixelDataError as exc:
+            raise UnavailableSyntaxError(f"frame {index} of instance {meta.sop_instance_uid}: {exc.reason}") from exc
 
 
 def _each(frames: FrameSource, meta: InstanceMeta) -> Iterable[bytes]:
@@ -220,8 +241,9 @@ def _with_pixel_group_length(header: bytes, pixel_length: int, suffix: bytes, ta
 
 
 def _encapsulated(image: ImageInfo, basic_offsets: bytes, frames: Iterable[bytes],
-                  fragments: list[list[int]] | None, vr: str = "OB") -> list[bytes]:
-    """Encapsulated Pixel Data (PS3.5 A.4): the original fragments, or one even fragment per frame."""
+                  fragments: list[list[int]] | None, vr: str = "OB", *, offset_table: bool = True) -> list[bytes]:
+    """Encapsulated Pixel Data (PS3.5 A.4): the original fragments and offset table, or one even fragment
+    per frame and a Basic Offset Table of them (an empty one without ``offset_table``)."""
     items: list[bytes] = []
     offsets: list[int] = []
     position = 0
@@ -233,7 +255,7 @@ def _encapsulated(image: ImageInfo, basic_offsets: bytes, frames: Iterable[bytes
             position += 8 + len(piece)
     if fragments is None:
         basic_offsets = b"".join(offset.to_bytes(4, "little") for offset in offsets)
-        if position > 0xFFFFFFFF:  # offsets would overflow: PS3.5 allows an empty table
+        if position > 0xFFFFFFFF or not offset_table:  # offsets would overflow: PS3.5 allows an empty table
             basic_offsets = b""
     table = [_ITEM, len(basic_offsets).to_bytes(4, "little"), basic_offsets]
     header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0xFFFFFFFF)

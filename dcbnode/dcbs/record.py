@@ -81,6 +81,8 @@ class ImageInfo:
     fragments: list[list[int]] | None = None
     #: frames hold the whole Pixel Data value as one zstd blob (1-bit data is not byte aligned per frame)
     packed: bool = False
+    #: False for compressed frames no installed decoder reads: kept as received, served only as received
+    decodable: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,8 @@ def no_delay(assoc: Association) -> None:
 def _sub_operations(event: Event, context: NodeContext, matches: Sequence[RetrieveMatch],
                     accepted: dict[str, frozenset[str]], alive: Callable[[], bool]) -> Iterator[tuple[int, Any]]:
     """Pending results carrying each rebuilt instance; Cancel as soon as the SCU asks for it."""
-    for dataset in prepared_instances(context.archive, matches, accepted, alive=alive):
+    preference = context.config.retrieve.syntax_preference
+    for dataset in prepared_instances(context.archive, matches, accepted, alive=alive, preference=preference):
         if event.is_cancelled:
             context.log.info("retrieve cancelled by the SCU")
             yield CANCEL, None

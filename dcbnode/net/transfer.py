@@ -1,10 +1,11 @@
 """Sending stored instances over an association: which transfer syntax, and the bytes, one at a time.
 
-Per instance the form is the first of :func:`~dcbnode.dcbs.available_syntaxes` (HTJ2K spliced without
-decoding, then the original lossy codestream, then Explicit, then Implicit VR Little Endian) that the peer
-accepted for its SOP class.  The rebuilt bytes go out as they are: an :class:`EncodedDataset` carries them
-through ``send_c_store`` of dcbnode's associations (:mod:`.provider`), which hand them over instead of
-re-encoding with pydicom, and send each message with one socket write.
+Per instance the form is the first of :func:`~dcbnode.dcbs.available_syntaxes` that the peer accepted for
+its SOP class, in the order ``[retrieve] syntax_preference`` gives (by default the syntax it was received
+in, then HTJ2K spliced without decoding, then Explicit, then Implicit VR Little Endian).  The rebuilt
+bytes go out as they are: an :class:`EncodedDataset` carries them through ``send_c_store`` of dcbnode's
+associations (:mod:`.provider`), which hand them over instead of re-encoding with pydicom, and send each
+message with one socket write.
 
 An instance that cannot be sent (no accepted form, unreadable record, vanished peer) becomes an
 :class:`EncodedDataset` without bytes: pynetdicom's ``send_c_store`` then fails for it, which counts it
@@ -23,7 +24,9 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from ..archive import Archive
 from ..archive.retrieve import RetrieveMatch
+from ..config import DEFAULT_SYNTAX_PREFERENCE
 from ..dcbs import DcbsError, UnavailableSyntaxError, available_syntaxes, rebuild
+from ..dcbs.record import InstanceMeta
 from .wire import EncodedDataset
 
 __all__ = ["LOCATION_BATCH", "MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax", "prepare",
@@ -37,6 +40,8 @@ MAX_CONTEXTS = 128
 #: 128-context limit forces a choice (Explicit VR LE first: every instance can be rebuilt in it).
 _PROPOSAL_ORDER = (ExplicitVRLittleEndian, HTJ2KLossless, None, ImplicitVRLittleEndian, HTJ2K)
 _BASE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, HTJ2KLossless, HTJ2K})
+_PREFERENCE_NAMES = {HTJ2KLossless: "htj2k", HTJ2K: "htj2k", ExplicitVRLittleEndian: "explicit",
+                     ImplicitVRLittleEndian: "implicit"}
 #: Instances whose locations one index query asks for while rebuilding (kept well below SQL IN limits).
 LOCATION_BATCH = 64
 
@@ -45,12 +50,26 @@ LOCATION_BATCH = 64
 
 
 def _original_syntax(received: str) -> UID | None:
-    """The received syntax when it may have been kept as is (an encapsulated syntax we do not transcode
-    into, i.e. lossy or otherwise kept codestreams)."""
+    """The received syntax when the base syntaxes leave it out (every instance can be rebuilt in the
+    syntax it was received in: kept codestreams, a lossless re-encoding, Big Endian, Deflated)."""
     syntax = UID(received)
-    if syntax in _BASE_SYNTAXES or not syntax.is_encapsulated:
-        return None
-    return syntax
+    return None if syntax in _BASE_SYNTAXES else syntax
+
+
+def preferred_order(candidates: Sequence[UID], received: str,
+                    preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE) -> list[UID]:
+    """``candidates`` (an instance's available syntaxes, cheapest first) ordered by ``preference``, the
+    ``[retrieve] syntax_preference`` names: "original" (the syntax the instance was received in, unless
+    Explicit or Implicit VR Little Endian), "htj2k", "explicit", "implicit"; syntaxes it does not rank
+    come last, cheapest first."""
+    def rank(syntax: UID) -> int:
+        if syntax == received and syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            name = "original"
+        else:
+            name = _PREFERENCE_NAMES.get(syntax, "")
+        return preference.index(name) if name in preference else len(preference)
+
+    return sorted(candidates, key=rank)
 
 
 def storage_contexts(matches: Iterable[RetrieveMatch]) -> list[PresentationContext]:
@@ -95,8 +114,10 @@ def choose_syntax(candidates: Sequence[UID], accepted: frozenset[str]) -> UID | 
 
 
 def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, frozenset[str]],
-            location: tuple[str, int] | None = None) -> EncodedDataset:
-    """Rebuild one instance in the best accepted form; never raises (failures become placeholders).
+            location: tuple[str, int] | None = None,
+            preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE) -> EncodedDataset:
+    """Rebuild one instance in the accepted form ``preference`` ranks first (:func:`preferred_order`);
+    never raises (failures become placeholders).
 
     ``location``: where the index said the instance is (:meth:`Archive.instance_locations`), if known.
     """
@@ -110,11 +131,11 @@ def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, froze
         return failed(f"peer accepted no context for SOP class {match.sop_class_uid}")
     try:
         with archive.open_instance(match.sop_instance_uid, location) as stored:
-            candidates = list(available_syntaxes(stored.meta))
+            candidates = preferred_order(available_syntaxes(stored.meta), stored.meta.received_syntax, preference)
             while True:
                 syntax = choose_syntax(candidates, syntaxes)
                 if syntax is None:
-                    return failed(f"no accepted transfer syntax among {sorted(syntaxes)}")
+                    return failed(_why_unavailable(stored.meta, syntaxes))
                 try:
                     rebuilt = rebuild(stored.meta, stored.blobs, stored.frame, syntax)
                     break
@@ -129,9 +150,19 @@ def prepare(archive: Archive, match: RetrieveMatch, accepted: Mapping[str, froze
     return EncodedDataset(match.sop_class_uid, match.sop_instance_uid, rebuilt.transfer_syntax, rebuilt.dataset)
 
 
+def _why_unavailable(meta: InstanceMeta, accepted: frozenset[str]) -> str:
+    """Why none of the accepted syntaxes can carry the instance, for the log and the failure."""
+    offered = ", ".join(sorted(UID(syntax).name for syntax in accepted))
+    if meta.image is not None and not meta.image.decodable:
+        return (f"pixel data kept as received in {UID(meta.received_syntax).name} (no decoder reads it); "
+                f"the peer accepted only {offered}")
+    return f"cannot be rebuilt in any accepted transfer syntax ({offered})"
+
+
 def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
                        accepted: Mapping[str, frozenset[str]], *, alive: Callable[[], bool] = lambda: True,
-                       lookahead: int = 2) -> Iterator[EncodedDataset]:
+                       lookahead: int = 2,
+                       preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE) -> Iterator[EncodedDataset]:
     """The instances rebuilt in order, ``lookahead`` of them ahead in a worker thread.
 
     Rebuilding the next instance overlaps sending the current one (decoding releases the GIL); at most
@@ -159,7 +190,7 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
             except Exception:  # the per-instance lookup in prepare reports the problem
                 log.debug("batched location lookup failed", exc_info=True)
             looked_up = position + len(batch)
-        return prepare(archive, match, accepted, locations.pop(match.sop_instance_uid, None))
+        return prepare(archive, match, accepted, locations.pop(match.sop_instance_uid, None), preference)
 
     if lookahead <= 0:
         yield from (one(position, match) for position, match in enumerate(matches))
