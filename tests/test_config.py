@@ -14,6 +14,7 @@ from dcbnode.config import (
     ConfigError,
     NodeConfig,
     PeerConfig,
+    RetrieveConfig,
     StorageConfig,
     load_config,
 )
@@ -120,6 +121,7 @@ def test_example_file_sets_every_key_to_its_default() -> None:
     assert example.access == defaults.access
     assert example.query == defaults.query
     assert example.storage == defaults.storage
+    assert example.retrieve == defaults.retrieve
 
 
 @pytest.mark.parametrize(
@@ -130,6 +132,7 @@ def test_example_file_sets_every_key_to_its_default() -> None:
         "query.case_insensitive_names",
         "query.max_responses",
         *(f"storage.{name}" for name in StorageConfig.__dataclass_fields__),
+        *(f"retrieve.{name}" for name in RetrieveConfig.__dataclass_fields__),
     ],
 )
 def test_every_key_is_in_example_and_docs(key: str) -> None:
@@ -454,3 +457,10 @@ def test_data_dir_absolute_even_with_tilde(monkeypatch: pytest.MonkeyPatch, tmp_
     config = load_config(None, {"node.data_dir": "~/archive"})
     assert config.node.data_dir == tmp_path / "archive"
     assert os.path.isabs(config.node.data_dir)
+
+
+@pytest.mark.parametrize("value", [[], ["original", "lossy"], ["htj2k", "htj2k"], "htj2k"])
+def test_bad_syntax_preference(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"node.data_dir": str(tmp_path), "retrieve.syntax_preference": value})
+    assert "retrieve.syntax_preference" in str(info.value)
