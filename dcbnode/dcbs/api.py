@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from .dataset_split import truncation
 from .errors import DcbsError, DcbsFormatError, InvalidDatasetError
@@ -84,7 +84,9 @@ def _read_header(path: Path):
             header = dcmread(path, defer_size=1024)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise InvalidDatasetError(f"not a readable DICOM file: {exc}", source=path) from exc
-    if problem := truncation(header, path.stat().st_size):
+    # Positions in a deflated file count the inflated stream: it is checked when it is split instead.
+    deflated = header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if not deflated and (problem := truncation(header, path.stat().st_size)):
         raise InvalidDatasetError(problem, source=path)
     for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
         if not header.get(keyword):
