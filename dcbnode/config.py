@@ -175,9 +175,11 @@ class QueryConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """The ``[storage]`` table: what the Storage SCP accepts."""
+    """The ``[storage]`` table: what the Storage SCP accepts, and Storage Commitment."""
 
     accept_unknown_sop_classes: bool = True
+    #: seconds between two attempts to deliver a storage commitment report on a new association
+    commitment_retry_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,10 @@ _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
     "case_insensitive_names": _bool,
     "max_responses": _int_between(0, None),
 }
-_STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {"accept_unknown_sop_classes": _bool}
+_STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {
+    "accept_unknown_sop_classes": _bool,
+    "commitment_retry_interval": _timeout,
+}
 _RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference}
 _TABLES: Final = ("node", "access", "peers", "query", "storage", "retrieve")
 _TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage] and [retrieve]"

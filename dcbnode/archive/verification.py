@@ -66,6 +66,19 @@ def _check_volume(path: Path, report: VerifyReport) -> tuple[dict[str, int], int
     return live, size
 
 
+def verify_instance(archive: Archive, sop_instance_uid: str) -> str:
+    """Check one stored instance as a retrieval would read it: indexed (so durable: the index is committed
+    only after the record was fsynced), its record's metadata and every frame against their checksums.
+
+    Returns its SOP Class UID as stored.  Raises ``KeyError`` if the instance is not in the index, and
+    :class:`~dcbnode.dcbs.DcbsError` (or ``OSError``) if its record cannot be read or fails a checksum.
+    """
+    with archive.open_instance(sop_instance_uid) as stored:
+        for _ in stored.iter_frames():
+            pass
+        return stored.meta.sop_class_uid
+
+
 def verify(archive: Archive, progress: Progress | None = None) -> VerifyReport:
     """Check every checksum of every record, and that the index and the volumes agree."""
     report = VerifyReport()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -114,3 +114,28 @@ class PendingCompression(Base):
     #: the volume's path without generation and extension (the same for all its generations)
     volume_stem: Mapped[str] = mapped_column(String(512), primary_key=True)
     since: Mapped[datetime] = mapped_column(DateTime)
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment request (PS3.4 J.3.2) whose N-EVENT-REPORT has not been delivered yet.
+
+    Written before the N-ACTION is answered, deleted once the report was delivered: after a restart the
+    node still answers every request it accepted.  A sender takes a request with a row-level update of
+    ``claimed_by`` (see :mod:`dcbnode.archive.commitment`), so several node processes can share the table.
+    """
+
+    __tablename__ = "commitment_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: the requesting AE (its [peers] entry says where a report on a new association goes)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    #: JSON list of [SOP Class UID, SOP Instance UID] pairs, in the request's order
+    references: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    #: no sender takes the request before this time (a failed delivery waits for its retry)
+    not_before: Mapped[datetime] = mapped_column(DateTime, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: the sender working on it (None: free); a claim older than the lease is taken over
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+

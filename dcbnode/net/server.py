@@ -22,6 +22,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -32,6 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
 from .associations import ASSOCIATION_HANDLERS
+from .commitment_scp import CommitmentService
 from .context import NodeContext
 from .find_scp import handle_find, negotiate_extended
 from .provider import NodeAE, NodeRequestHandler
@@ -68,6 +70,7 @@ def build_ae(config: Config) -> NodeAE:
     apply_access(ae, config)
     syntaxes = [str(uid) for uid in STORABLE_SYNTAXES]
     ae.add_supported_context(Verification, syntaxes[:4])
+    ae.add_supported_context(StorageCommitmentPushModel, syntaxes[:4])
     add_storage_contexts(ae, syntaxes)
     return ae
 
@@ -88,6 +91,7 @@ class Node:
         self.context = context
         self.in_flight = InFlight()
         self.ae = build_ae(context.config)
+        self.commitments = CommitmentService(context)
         self._server: _ListenLaterServer | None = None
         self._handlers = self._bind_handlers()
 
@@ -95,6 +99,7 @@ class Node:
         handlers: list[tuple[Any, ...]] = [
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
             (evt.EVT_SOP_EXTENDED, negotiate_extended),  # combined date-time matching for C-FIND
+            (evt.EVT_N_ACTION, self.commitments.handle_n_action),
             *ASSOCIATION_HANDLERS,
         ]
         if self.context.config.storage.accept_unknown_sop_classes:
@@ -125,6 +130,7 @@ class Node:
         assert server is not None
         server.listen()
         threading.Thread(target=server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
+        self.commitments.start()
 
     def reload(self, fresh: Config) -> None:
         """Take ``[peers]`` and ``[access]`` from ``fresh`` for new associations."""
@@ -151,6 +157,8 @@ class Node:
         # joins the request threads (each only starts an AcceptorThread). Unlike AE.shutdown() it does
         # not abort the associations in progress.
         server.shutdown()
+        if not self.commitments.stop(_CLOSE_TIMEOUT):
+            log.warning("a storage commitment report was still being sent; it is sent again after the restart")
         busy = self.in_flight.count
         if busy:
             log.info("waiting up to %.0f s for %d C-STORE(s) in progress", grace, busy)

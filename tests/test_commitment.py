@@ -1,0 +1,195 @@
+"""Storage Commitment Push Model SCP, end to end with stock pynetdicom peers: the report on the requesting
+association, on a new association when the requestor released it, after a node restart, with references
+to instances never sent, stored under another class, or damaged on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from conftest import RunningNode, read_back, scu_store, wait_until
+from peers import LOOPBACK, free_port
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+
+MODALITY = "MODALITY"
+#: (event type, event information) of each report received
+Reports = list[tuple[int, Dataset]]
+_WAIT = 30.0
+
+
+def _ct(series: str) -> Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def _request(references: list[tuple[str, str]], transaction: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction or generate_uid()
+    items = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def _collector(reports: Reports, arrived: threading.Event) -> Any:
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.append((event.event_type, event.event_information))
+        arrived.set()
+        return 0x0000, None
+
+    return on_report
+
+
+def _ask(node: RunningNode, request: Dataset, *, wait: bool, calling: str = MODALITY) -> tuple[Dataset, Reports]:
+    """N-ACTION from a pynetdicom SCU; with ``wait`` the association stays open until a report arrives."""
+    reports: Reports = []
+    arrived = threading.Event()
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet,
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, _collector(reports, arrived))])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        if wait and status.Status == 0:
+            assert arrived.wait(_WAIT), node.log()[-3000:]
+    finally:
+        assoc.release()
+    return status, reports
+
+
+@contextlib.contextmanager
+def _modality_scp(port: int) -> Iterator[tuple[Reports, threading.Event]]:
+    """The modality's side for reports on a new association: a pynetdicom SCP that accepts the SCP role."""
+    reports: Reports = []
+    arrived = threading.Event()
+    ae = AE(ae_title=MODALITY)
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = ae.start_server((LOOPBACK, port), block=False,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, _collector(reports, arrived))])
+    try:
+        yield reports, arrived
+    finally:
+        server.shutdown()
+
+
+def _start(running_node: Any, port: int, **kwargs: Any) -> RunningNode:
+    return running_node(tables={"peers." + MODALITY: {"host": LOOPBACK, "port": port},
+                                "storage": {"commitment_retry_interval": 0.5}}, **kwargs)
+
+
+def _uids(sequence: Any) -> list[str]:
+    return [str(item.ReferencedSOPInstanceUID) for item in sequence]
+
+
+def _damage_first_frame(data_dir: Path, sop_instance_uid: str) -> None:
+    """Flip one byte in the middle of the stored instance's first frame (its CRC no longer matches)."""
+    archive = read_back(data_dir)
+    try:
+        with archive.open_instance(sop_instance_uid) as stored:
+            entry = stored.meta.frames[0]
+            offset = stored.frames_start + entry.offset + entry.length // 2
+            path = Path(stored.volume.path)
+    finally:
+        archive.close()
+    with path.open("r+b") as volume:
+        volume.seek(offset)
+        byte = volume.read(1)
+        volume.seek(offset)
+        volume.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_report_on_the_same_association(running_node) -> None:
+    node = _start(running_node, free_port(), compression="inline")
+    good, conflict, damaged = _ct(generate_uid()), _ct(generate_uid()), _ct(generate_uid())
+    assert [s.Status for s in scu_store(node, [good, conflict, damaged], calling_aet=MODALITY)] == [0, 0, 0]
+    ct_class = str(good.SOPClassUID)
+
+    status, reports = _ask(node, _request([(ct_class, good.SOPInstanceUID)]), wait=True)
+    assert status.Status == 0
+    [(event_type, info)] = reports
+    assert event_type == 1 and _uids(info.ReferencedSOPSequence) == [good.SOPInstanceUID]
+    assert "FailedSOPSequence" not in info and info.RetrieveAETitle == node.aet
+
+    _damage_first_frame(node.data_dir, damaged.SOPInstanceUID)
+    never_sent = generate_uid()
+    request = _request([(ct_class, good.SOPInstanceUID), (ct_class, never_sent),
+                        ("1.2.840.10008.5.1.4.1.1.4", conflict.SOPInstanceUID), (ct_class, damaged.SOPInstanceUID)])
+    status, reports = _ask(node, request, wait=True)
+    assert status.Status == 0
+    [(event_type, info)] = reports
+    assert event_type == 2 and info.TransactionUID == request.TransactionUID
+    assert _uids(info.ReferencedSOPSequence) == [good.SOPInstanceUID]
+    failures = {str(item.ReferencedSOPInstanceUID): int(item.FailureReason) for item in info.FailedSOPSequence}
+    assert failures == {never_sent: 0x0112, conflict.SOPInstanceUID: 0x0119, damaged.SOPInstanceUID: 0x0110}
+    assert wait_until(lambda: node.log().count("on the same association, status 0x0000") == 2), node.log()
+
+
+def test_report_on_a_new_association_after_release(running_node) -> None:
+    port = free_port()
+    node = _start(running_node, port)
+    stored = _ct(generate_uid())
+    assert scu_store(node, [stored], calling_aet=MODALITY)[0].Status == 0
+    with _modality_scp(port) as (reports, arrived):
+        status, same = _ask(node, _request([(str(stored.SOPClassUID), stored.SOPInstanceUID)]), wait=False)
+        assert status.Status == 0 and same == []
+        assert arrived.wait(_WAIT), node.log()[-3000:]
+    [(event_type, info)] = reports
+    assert event_type == 1 and _uids(info.ReferencedSOPSequence) == [stored.SOPInstanceUID]
+    assert "on the new association, status 0x0000" in node.log()
+
+
+def test_pending_request_answered_after_a_restart(running_node, database_url) -> None:
+    port = free_port()
+    node = _start(running_node, port, name="first", database_url=database_url)
+    stored = _ct(generate_uid())
+    assert scu_store(node, [stored], calling_aet=MODALITY)[0].Status == 0
+    never_sent = generate_uid()
+    request = _request([(str(stored.SOPClassUID), stored.SOPInstanceUID), (str(stored.SOPClassUID), never_sent)])
+    status, _ = _ask(node, request, wait=False)
+    assert status.Status == 0
+    # Nobody listens for the report yet: the node keeps trying; killed, it keeps nothing but the index.
+    assert wait_until(lambda: "not delivered (attempt 2)" in node.log(), _WAIT), node.log()[-3000:]
+    node.process.send_signal(signal.SIGKILL)
+    node.process.wait(10)
+    with _modality_scp(port) as (reports, arrived):
+        again = _start(running_node, port, name="second", data_dir=node.data_dir, database_url=database_url)
+        assert arrived.wait(_WAIT), again.log()[-3000:]
+    [(event_type, info)] = reports
+    assert event_type == 2 and info.TransactionUID == request.TransactionUID
+    assert _uids(info.ReferencedSOPSequence) == [stored.SOPInstanceUID]
+    failed = [(str(item.ReferencedSOPInstanceUID), item.FailureReason) for item in info.FailedSOPSequence]
+    assert failed == [(never_sent, 0x0112)]
+    assert "1 storage commitment request(s) wait for their report" in again.log()
+
+
+@pytest.mark.parametrize(("calling", "request_changes", "code", "comment"), [
+    ("STRANGER", {}, 0x0110, "not in the node's [peers]"),
+    (MODALITY, {"TransactionUID": None}, 0x0120, "Transaction UID"),
+    (MODALITY, {"ReferencedSOPSequence": None}, 0x0120, "Referenced SOP Sequence"),
+])
+def test_requests_refused(running_node, calling: str, request_changes: dict[str, Any], code: int,
+                          comment: str) -> None:
+    node = _start(running_node, free_port())
+    request = _request([("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+    for keyword in request_changes:
+        delattr(request, keyword)
+    status, reports = _ask(node, request, wait=False, calling=calling)
+    assert status.Status == code and comment in status.ErrorComment
+    assert reports == []
+    assert wait_until(lambda: "storage commitment request from " + calling + " refused" in node.log()), node.log()
