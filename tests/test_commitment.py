@@ -193,3 +193,39 @@ def test_requests_refused(running_node, calling: str, request_changes: dict[str,
     assert status.Status == code and comment in status.ErrorComment
     assert reports == []
     assert wait_until(lambda: "storage commitment request from " + calling + " refused" in node.log()), node.log()
+
+
+def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: str, tmp_path: Path) -> None:
+    """Two senders (as two node processes would be) on one index: one claim at a time; a claim whose
+    lease has expired, or whose process on this host has ended, is free again."""
+    import os
+    import socket
+
+    from dcbnode.archive.commitment import CommitmentQueue, Reference
+    from dcbnode.index import Index
+    from dcbnode.net.commitment_scp import _process_gone
+
+    index = Index(database_url or f"sqlite:///{tmp_path / 'index.sqlite'}")
+    index.prepare_schema()
+    try:
+        first = CommitmentQueue(index, f"{socket.gethostname()}:{os.getpid()}:first", lease=3600)
+        second = CommitmentQueue(index, f"{socket.gethostname()}:{os.getpid()}:second", lease=3600)
+        request = first.add(generate_uid(), MODALITY, [Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+        assert first.due() == [request] == second.due()
+        assert first.claim(request) is not None
+        assert second.claim(request) is None and second.due() == []
+        first.release(request, retry_in=3600)
+        assert second.due() == [] and second.claim(request) is not None  # claim() ignores the retry time
+        assert CommitmentQueue(index, "other:1:x", lease=0).claim(request) is not None  # lease expired
+        # A claim left by a process of this host that has ended (here: a pid that cannot exist).
+        dead = CommitmentQueue(index, f"{socket.gethostname()}:{2**22 + 1}:dead", lease=3600)
+        dead.finish(request)
+        assert first.count() == 1  # finish() by a sender that does not hold the claim changes nothing
+        taken = CommitmentQueue(index, "other:1:x", lease=3600)
+        taken.finish(request)
+        assert first.count() == 0
+        request = dead.add(generate_uid(), MODALITY, [])
+        assert dead.claim(request) is not None
+        assert first.release_abandoned(_process_gone) == 1 and first.claim(request) is not None
+    finally:
+        index.dispose()

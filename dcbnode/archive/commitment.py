@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -152,6 +152,19 @@ class CommitmentQueue:
         """The report was delivered (or the request cannot ever be answered): forget the request."""
         with self.index.session() as session:
             session.execute(delete(_TABLE).where(_TABLE.c.id == request_id, _TABLE.c.claimed_by == self.owner))
+
+    def release_abandoned(self, is_gone: Callable[[str], bool]) -> int:
+        """Free the claims of every owner ``is_gone`` says has ended (a process killed mid-delivery), so
+        their requests need not wait for the lease; how many were freed."""
+        with self.index.session() as session:
+            owners = session.execute(select(_TABLE.c.claimed_by).where(_TABLE.c.claimed_by.is_not(None))
+                                     .distinct()).scalars().all()
+            freed = 0
+            for owner in owners:
+                if owner != self.owner and is_gone(owner):
+                    freed += session.execute(update(_TABLE).where(_TABLE.c.claimed_by == owner)
+                                             .values(claimed_by=None, claimed_at=None)).rowcount
+            return freed
 
     def count(self) -> int:
         """Requests not yet answered."""

@@ -221,6 +221,9 @@ class CommitmentService:
 
     def start(self) -> None:
         """Start delivering pending reports (those left by an earlier run too)."""
+        freed = self.queue.release_abandoned(_process_gone)
+        if freed:
+            log.info("%d storage commitment report(s) a stopped node process was sending are sent again", freed)
         waiting = self.queue.count()
         if waiting:
             log.info("%d storage commitment request(s) wait for their report", waiting)
@@ -245,6 +248,28 @@ class CommitmentService:
                     self.deliver(request_id)
             except Exception:  # never let the thread die: the next round tries again
                 log.exception("storage commitment delivery failed")
+
+
+def _process_gone(owner: str) -> bool:
+    """Whether the sender ``owner`` (``host:pid:random``) was a process of this host that has ended.
+
+    A process with that pid that is this very process is another incarnation (a container restarted
+    with the same pid): the random part differs, so the claim is not ours and its owner is gone.
+    """
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's node (PostgreSQL): its claim expires with the lease
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _send_on(assoc: Association, event_type: int, information: Dataset, pending: PendingCommitment,
