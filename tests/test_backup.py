@@ -33,6 +33,7 @@ from conftest import (
 from faithful import ct_series
 from sqlalchemy import create_engine, text
 from test_admin import admin, admin_json, make_config
+from test_schema import copy_previous_release, served_digests
 
 #: Sends every series folder under argv[3] over one association each (argv[1:3]: port, called AE) and
 #: appends the SOP Instance UID of each instance answered Success to argv[4].
@@ -175,3 +176,17 @@ def test_backup_and_restore_say_what_to_do(tmp_path: Path, case: str) -> None:
         (tmp_path / "backup").mkdir()
         result = admin(config, "restore", tmp_path / "backup", check=1)
         assert "not a complete dcbnode backup" in result.stderr
+
+
+def test_an_archive_of_the_previous_release_is_backed_up_restored_and_upgraded(tmp_path: Path) -> None:
+    """The upgrade procedure of docs/deployment.md: back up first (the new code backs up an index it cannot
+    serve yet), restore, upgrade; every instance is served with the bytes the previous release served."""
+    expected = copy_previous_release(tmp_path / "data")
+    backup = admin_json(make_config(tmp_path / "live", tmp_path / "data"), "backup", tmp_path / "backup")
+    assert backup["schema_revision"] is None  # unversioned, as 0.1.0 left it
+    config = make_config(tmp_path / "target", tmp_path / "target-data")
+    assert admin_json(config, "restore", tmp_path / "backup")["needs_upgrade"]
+    assert "dcbnode-admin upgrade" in admin(config, "stats", check=2).stderr
+    admin(config, "upgrade")
+    assert admin_json(config, "verify")["ok"]
+    assert served_digests(tmp_path / "target-data", list(expected)) == expected

@@ -32,6 +32,23 @@ from dcbnode.index.schema import LEGACY, alembic_config, head_revision, schema_s
 PREVIOUS_RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0"
 
 
+def copy_previous_release(data_dir: Path) -> dict[str, str]:
+    """Copy the archive 0.1.0 wrote to ``data_dir``; the SHA-256 of the Part-10 bytes it served, by SOP
+    Instance UID."""
+    shutil.copytree(PREVIOUS_RELEASE, data_dir, ignore=shutil.ignore_patterns("*.md", "*.py", "*.json"))
+    expected = json.loads((PREVIOUS_RELEASE / "expected.json").read_text())
+    return {uid: entry["sha256"] for uid, entry in expected.items()}
+
+
+def served_digests(data_dir: Path, uids: list[str]) -> dict[str, str]:
+    """The SHA-256 of the Part-10 bytes each instance is served with now (rebuilt in its received syntax)."""
+    archive = read_back(data_dir)
+    try:
+        return {uid: hashlib.sha256(rebuilt_part10(archive, uid)).hexdigest() for uid in uids}
+    finally:
+        archive.close()
+
+
 def _schema_differences(url: str) -> list:
     """What Alembic's autogenerate would change to make the database match the models (empty: nothing)."""
     engine = create_engine(url)
@@ -53,8 +70,7 @@ def _serve_once(tmp_path: Path, data_dir: Path, **node: object) -> subprocess.Co
 def test_previous_release_index_is_refused_then_upgraded_and_serves_every_instance(running_node,
                                                                                      tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    shutil.copytree(PREVIOUS_RELEASE, data_dir, ignore=shutil.ignore_patterns("*.md", "*.py", "*.json"))
-    expected = json.loads((PREVIOUS_RELEASE / "expected.json").read_text())
+    expected = copy_previous_release(data_dir)
     config = make_config(tmp_path, data_dir)
 
     refused = _serve_once(tmp_path, data_dir)
@@ -72,20 +88,13 @@ def test_previous_release_index_is_refused_then_upgraded_and_serves_every_instan
     url = f"sqlite:///{data_dir / 'index.sqlite'}"
     assert _schema_differences(url) == []  # 0.1.0's tables are exactly the first revision's
 
-    def served() -> dict[str, str]:
-        archive = read_back(data_dir)
-        try:
-            return {uid: hashlib.sha256(rebuilt_part10(archive, uid)).hexdigest() for uid in expected}
-        finally:
-            archive.close()
-
-    assert served() == {uid: entry["sha256"] for uid, entry in expected.items()}
+    assert served_digests(data_dir, list(expected)) == expected
     # The node starts on it, and compresses the two series 0.1.0 left waiting without changing a byte.
     node = running_node(data_dir=data_dir, compression_delay=0.1)
     with sqlite3.connect(data_dir / "index.sqlite") as connection:
         assert wait_until(lambda: not connection.execute("SELECT count(*) FROM pending_compression").fetchone()[0],
                           timeout=60), node.log()
-    assert served() == {uid: entry["sha256"] for uid, entry in expected.items()}
+    assert served_digests(data_dir, list(expected)) == expected
     assert admin_json(config, "verify")["ok"]
 
 
