@@ -35,6 +35,14 @@ def read(source: bytes | str | Path) -> Dataset:
     return pydicom.dcmread(BytesIO(source) if isinstance(source, bytes) else source, force=True)
 
 
+def dataset_bytes(part10: bytes) -> bytes:
+    """The encoded dataset of Part-10 bytes, after the file meta group (which names the writer)."""
+    stream = BytesIO(part10)
+    pydicom.filereader.read_preamble(stream, False)
+    pydicom.filereader._read_file_meta_info(stream)
+    return part10[stream.tell():]
+
+
 def element_differences(original: Dataset, rebuilt: Dataset) -> list[str]:
     """Tags whose values differ (syntax-dependent elements excepted), described."""
     problems = []

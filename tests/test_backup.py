@@ -15,10 +15,8 @@ import json
 import os
 import subprocess
 import sys
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 import pytest
 from conftest import (
     POSTGRES_ENV,
@@ -30,7 +28,7 @@ from conftest import (
     stop_node,
     wait_until,
 )
-from faithful import ct_series
+from faithful import ct_series, dataset_bytes
 from sqlalchemy import create_engine, text
 from test_admin import admin, admin_json, make_config
 from test_schema import copy_previous_release, served_digests
@@ -59,14 +57,6 @@ for series in sorted(folder.iterdir()):
 """
 
 
-def _dataset_bytes(part10: bytes) -> bytes:
-    """The encoded dataset after the file meta group (which names the writer, so it differs)."""
-    stream = BytesIO(part10)
-    pydicom.filereader.read_preamble(stream, False)
-    pydicom.filereader._read_file_meta_info(stream)
-    return part10[stream.tell():]
-
-
 def _series_folders(directory: Path, series: int, instances: int) -> dict[str, bytes]:
     """``series`` CT series of ``instances`` each, as files; the dataset bytes of each by SOP Instance UID."""
     sent = {}
@@ -76,7 +66,7 @@ def _series_folders(directory: Path, series: int, instances: int) -> dict[str, b
         for index, dataset in enumerate(ct_series(instances)):
             path = folder / f"{index:03d}.dcm"
             dataset.save_as(path, enforce_file_format=True)
-            sent[dataset.SOPInstanceUID] = _dataset_bytes(path.read_bytes())
+            sent[dataset.SOPInstanceUID] = dataset_bytes(path.read_bytes())
     return sent
 
 
@@ -140,7 +130,7 @@ def test_backup_while_the_node_ingests_and_compresses_then_restore(running_node,
         archive = read_back(restored_dir, restored_url)
         try:
             for uid in acknowledged:
-                assert _dataset_bytes(rebuilt_part10(archive, uid)) == sent[uid], uid
+                assert dataset_bytes(rebuilt_part10(archive, uid)) == sent[uid], uid
         finally:
             archive.close()
 

@@ -18,13 +18,15 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import REPO, read_back, rebuilt_part10, scu_store, wait_until, write_config
-from faithful import ct_series
+from conftest import REPO, read_back, scu_store, wait_until, write_config
+from faithful import ct_series, dataset_bytes
 from peers import LOOPBACK, free_port
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import create_engine, text
 from test_admin import admin, admin_json, make_config
 
+from dcbnode.dcbs import available_syntaxes, rebuild
 from dcbnode.index import Index
 from dcbnode.index.models import Base
 from dcbnode.index.schema import LEGACY, alembic_config, head_revision, schema_state
@@ -33,18 +35,25 @@ PREVIOUS_RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0"
 
 
 def copy_previous_release(data_dir: Path) -> dict[str, str]:
-    """Copy the archive 0.1.0 wrote to ``data_dir``; the SHA-256 of the Part-10 bytes it served, by SOP
-    Instance UID."""
+    """Copy the archive 0.1.0 wrote to ``data_dir``; the SHA-256 of the dataset bytes it served, by SOP
+    Instance UID (see the fixture's README)."""
     shutil.copytree(PREVIOUS_RELEASE, data_dir, ignore=shutil.ignore_patterns("*.md", "*.py", "*.json"))
     expected = json.loads((PREVIOUS_RELEASE / "expected.json").read_text())
-    return {uid: entry["sha256"] for uid, entry in expected.items()}
+    return {uid: entry["dataset_sha256"] for uid, entry in expected.items()}
 
 
 def served_digests(data_dir: Path, uids: list[str]) -> dict[str, str]:
-    """The SHA-256 of the Part-10 bytes each instance is served with now (rebuilt in its received syntax)."""
+    """The SHA-256 of the dataset bytes each instance is served with now, in the form the fixture records."""
     archive = read_back(data_dir)
     try:
-        return {uid: hashlib.sha256(rebuilt_part10(archive, uid)).hexdigest() for uid in uids}
+        digests = {}
+        for uid in uids:
+            with archive.open_instance(uid) as stored:
+                syntaxes = available_syntaxes(stored.meta)
+                syntax = ExplicitVRLittleEndian if ExplicitVRLittleEndian in syntaxes else stored.meta.received_syntax
+                part10 = rebuild(stored.meta, stored.blobs, stored.frame, syntax).part10()
+            digests[uid] = hashlib.sha256(dataset_bytes(part10)).hexdigest()
+        return digests
     finally:
         archive.close()
 

@@ -21,13 +21,21 @@ FILES = [("CT_small.dcm", False), ("MR_small.dcm", True), ("SC_rgb_jpeg_dcmtk.dc
          ("MR_small_RLE.dcm", False), ("SC_rgb.dcm", True)]
 
 
-def part10(archive: Archive, uid: str) -> bytes:
-    """The instance rebuilt in the syntax it was received in (Explicit VR LE when that is not available)."""
+def dataset_bytes(part10: bytes) -> bytes:
+    """The encoded dataset after the file meta group (which names the writing release)."""
+    stream = BytesIO(part10)
+    pydicom.filereader.read_preamble(stream, False)
+    pydicom.filereader._read_file_meta_info(stream)
+    return part10[stream.tell():]
+
+
+def served(archive: Archive, uid: str) -> tuple[str, bytes]:
+    """The syntax and the dataset bytes of the instance rebuilt in Explicit VR Little Endian (in the syntax it
+    was received in where that is not available): a form every release serves."""
     with archive.open_instance(uid) as stored:
-        syntax = stored.meta.received_syntax
-        if syntax not in available_syntaxes(stored.meta):
-            syntax = ExplicitVRLittleEndian
-        return rebuild(stored.meta, stored.blobs, stored.frame, syntax).part10()
+        syntaxes = available_syntaxes(stored.meta)
+        syntax = ExplicitVRLittleEndian if ExplicitVRLittleEndian in syntaxes else stored.meta.received_syntax
+        return str(syntax), dataset_bytes(rebuild(stored.meta, stored.blobs, stored.frame, syntax).part10())
 
 
 def with_uids(name: str, sop_instance_uid: str, series_instance_uid: str | None = None) -> bytes:
@@ -54,8 +62,10 @@ def main(out: Path) -> None:
     # a deleted instance: its tombstone stays in the CT volume
     archive.store(with_uids("CT_small.dcm", "1.2.826.0.1.3680043.8.498.1003"))
     assert archive.delete_instance("1.2.826.0.1.3680043.8.498.1003")
-    expected = {uid: {"file": name, "sha256": hashlib.sha256(part10(archive, uid)).hexdigest()}
-                for uid, name in stored.items()}
+    expected = {}
+    for uid, name in stored.items():
+        syntax, dataset = served(archive, uid)
+        expected[uid] = {"file": name, "syntax": syntax, "dataset_sha256": hashlib.sha256(dataset).hexdigest()}
     archive.close()
     (out / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
