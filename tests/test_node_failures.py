@@ -272,5 +272,6 @@ def test_unparseable_dataset_gets_a_comment_for_a_person(node, tmp_path, monkeyp
     status = assoc.send_c_store(path)
     assoc.release()
     assert status.Status == 0xA900
-    assert status.ErrorComment == "cannot parse the dataset"
+    # e.g. "deflated dataset cannot be inflated", without zlib's "Error -3 while decompressing data: …"
+    assert status.ErrorComment and "decompressing" not in status.ErrorComment and ":" not in status.ErrorComment
     assert wait_until(lambda: "decompressing data" in node.log()), node.log()[-3000:]
