@@ -99,3 +99,15 @@ def test_nodes_with_postgresql_share_a_folder_a_sqlite_node_does_not(running_nod
         assert stop_node(second) == 0 and stop_node(first) == 0  # before their database goes
     finally:
         database.close()
+
+
+def test_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind((LOOPBACK, 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql+psycopg://dcbnode:s3cret-pw@{LOOPBACK}:{port}/dcbnode"
+    result = _serve(tmp_path, tmp_path / "data", free_port(), database_url=url)
+    assert result.returncode == 1, result.stderr
+    lines = _problem_lines(result)
+    assert len(lines) == 1 and "cannot open the index postgresql+psycopg://dcbnode:***@" in lines[0], lines
+    assert "s3cret-pw" not in result.stderr

@@ -146,6 +146,8 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> int:
     """Take the data folder, reserve the port, recover, then serve; every start-up problem is one line."""
     # Heavy imports after the config check, so a bad config fails fast.
+    from sqlalchemy.exc import DBAPIError
+
     from ..archive import Archive
     from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
     from ..index.schema import SchemaError
@@ -178,6 +180,10 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
         except SchemaError as error:
             log.error("%s", error)
             return EXIT_CONFIG
+        except DBAPIError as exc:  # e.g. PostgreSQL not (yet) up: exit 1, systemd starts the node again
+            reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+            log.error("cannot open the index %s: %s", node_cfg.redacted_database_url, reason)
+            return EXIT_FAILURE
         node = Node(NodeContext(config=config, archive=archive))
         try:
             node.bind()  # before recovery, which can take minutes: a taken port is reported now
