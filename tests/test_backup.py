@@ -96,6 +96,8 @@ def test_backup_while_the_node_ingests_and_compresses_then_restore(running_node,
         backup = admin(config, "backup", tmp_path / "backup", json_out=True,
                        env={"DCBNODE_ADMIN_BACKUP_HOLD": "2"})
         assert "holding after: index copied" in backup.stderr
+        # the node's compressor found a quiet series while the backup held it, and waited
+        assert "deferred compression waits while a backup copies the volumes" in node.log()
         assert sender.poll() is None or len(_acknowledged(log)) > len(acknowledged)  # ingest went on
     finally:
         sender_error = sender.communicate(timeout=300)[1]

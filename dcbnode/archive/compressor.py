@@ -44,6 +44,7 @@ class Compressor:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dcbnode-compressor", daemon=True)
         self._failed: dict[str, float] = {}  # stem → when to try again
+        self._held_by_backup = False  # logged once when a backup starts holding compression, once when it ends
 
     def start(self) -> None:
         """Start the thread."""
@@ -92,7 +93,9 @@ class Compressor:
             self.archive.pending.note(stem)  # the index still marks it: the next start does it
             return 0
         except RewritesPaused:
-            log.debug("not compressing %s while a backup copies the volumes", path)
+            if not self._held_by_backup:
+                log.info("deferred compression waits while a backup copies the volumes")
+                self._held_by_backup = True
             self.archive.pending.note(stem)  # after the backup
             return 0
         except Exception as exc:  # a full disk, a volume that needs a reindex first, or a bug: later again
@@ -101,6 +104,9 @@ class Compressor:
                       exc_info=not expected)
             self._failed[stem] = time.monotonic() + RETRY_SECONDS
             return 0
+        if self._held_by_backup:
+            log.info("deferred compression resumed after the backup")
+            self._held_by_backup = False
         if result is None:
             return 0
         log.info("compressed %s: %d instances, %d → %d bytes, %.1f s", result.new_volume, result.live_records,

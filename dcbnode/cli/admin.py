@@ -428,6 +428,18 @@ def cmd_delete(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _say_if_a_backup_runs(data_dir: Path, quiet: bool) -> None:
+    """Tell why compaction is about to wait (it waits for a running backup to end)."""
+    from ..archive.rewrite_lock import RewritesPaused, rewriting
+
+    try:
+        with rewriting(data_dir, wait=False):
+            return
+    except RewritesPaused:
+        if not quiet:
+            print("a backup is copying the volumes: compaction waits until it ends", file=sys.stderr, flush=True)
+
+
 def cmd_compact(args: argparse.Namespace, config: Config) -> int:
     pause_at = os.environ.get("DCBNODE_ADMIN_COMPACT_PAUSE_AT")  # test hook: stop at a step to be killed
 
@@ -438,6 +450,7 @@ def cmd_compact(args: argparse.Namespace, config: Config) -> int:
 
     results, failures = [], []
     with _Session(config, create=False) as archive:
+        _say_if_a_backup_runs(archive.data_dir, args.json)
         volumes = _compaction().compactable_volumes(archive)
         progress = Progress("compact", enabled=not args.json)
         for number, path in enumerate(volumes, 1):
