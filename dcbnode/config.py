@@ -119,6 +119,8 @@ class NodeConfig:
     # repr=False: a PostgreSQL URL carries a password that must not reach logs.
     database_url: str = field(default="", repr=False)
     max_associations: int = 10
+    #: association worker processes behind the port; 0: one per CPU the node may run on
+    workers: int = 0
     max_pdu_size: int = 1048576
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -134,6 +136,11 @@ class NodeConfig:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{Path(os.path.abspath(self.data_dir / 'index.sqlite'))}"
+
+    @property
+    def worker_count(self) -> int:
+        """How many association worker processes to run (``workers``, or the usable CPUs for 0)."""
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def redacted_database_url(self) -> str:
@@ -389,6 +396,7 @@ _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "data_dir": _data_dir,
     "database_url": _database_url,
     "max_associations": _int_between(1, None),
+    "workers": _int_between(0, 256),
     "max_pdu_size": _pdu_size,
     "acse_timeout": _timeout,
     "dimse_timeout": _timeout,

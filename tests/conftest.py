@@ -90,6 +90,18 @@ def start_node(tmp_path: Path, *, access: dict[str, Any] | None = None, name: st
     return RunningNode(LOOPBACK, port, str(settings["ae_title"]), data_dir, process, config_path, log_path)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a node's workers and compressor)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                # The command name in field 2 may hold spaces and parentheses: the parent pid follows the last ")".
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry))
+    return children
+
+
 def stop_node(node: RunningNode, timeout: float = 30.0) -> int:
     """SIGTERM the node and wait; returns its exit status (killed after ``timeout``)."""
     if node.process.poll() is None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from conftest import indexed_count, read_back, stop_node, wait_until
+from conftest import child_pids, indexed_count, read_back, stop_node, wait_until
 from faithful import ct_series
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -48,11 +48,17 @@ def test_no_thread_but_the_waiting_one_can_take_a_stop_signal(running_node):
     in sigwait(): a signal delivered to any other thread (threads inherit the mask they start with;
     numpy's OpenBLAS starts one at import) would kill the node with the default action (exit -15)."""
     node = running_node()
-    pid = node.process.pid
-    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    threads = [tid for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-    assert threads  # the server, association and library threads
-    for tid in threads:
+    main = node.process.pid
+    # The main process and its workers and compressor (started right after the port opens), each with
+    # its threads once it has started serving.
+
+    def threads() -> list[tuple[int, str]]:
+        return [(pid, tid) for pid in [main, *child_pids(main)] for tid in os.listdir(f"/proc/{pid}/task")
+                if int(tid) != pid]
+
+    assert wait_until(lambda: len({pid for pid, _ in threads()}) >= 2)  # the server, association and
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # library threads of the workers at least
+    for pid, tid in threads():
         status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
         blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
         unblocked = {s.name for s in wanted if not blocked & (1 << (s - 1))}

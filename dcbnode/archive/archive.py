@@ -114,8 +114,11 @@ class PendingVolumes:
     instance, and the index's mark is never missing while a file holds raw frames.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, timed: bool = True) -> None:
+        """``timed=False``: no compressor in this process takes the idle volumes (a node worker), so
+        :meth:`note` keeps nothing."""
         self._lock = threading.Lock()
+        self._timed = timed
         self._last_store: dict[str, float] = {}
         self._marked: set[str] = set()
 
@@ -139,10 +142,14 @@ class PendingVolumes:
         with self._lock:
             return len(self._last_store)
 
-    def note(self, stem: str) -> None:
-        """A record with raw frames was just stored into the volume ``stem``."""
+    def note(self, stem: str, age: float = 0.0) -> None:
+        """A record with raw frames was stored into the volume ``stem`` ``age`` seconds ago (the latest
+        store noted counts)."""
+        if not self._timed:
+            return
+        last = time.monotonic() - age
         with self._lock:
-            self._last_store[stem] = time.monotonic()
+            self._last_store[stem] = max(self._last_store.get(stem, last), last)
 
     def take_idle(self, seconds: float) -> list[str]:
         """Forget and return the volumes that received nothing for ``seconds``, longest idle first.
@@ -161,7 +168,10 @@ class PendingVolumes:
 class Archive:
     """Volumes under ``data_dir/volumes`` and their index."""
 
-    def __init__(self, data_dir: Path, database_url: str, *, duplicate_policy: str = "keep_first") -> None:
+    def __init__(self, data_dir: Path, database_url: str, *, duplicate_policy: str = "keep_first",
+                 compresses: bool = True) -> None:
+        """``compresses=False``: another process compresses this archive's deferred volumes (a node
+        worker), so this one does not keep track of when they went idle."""
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"unknown duplicate policy {duplicate_policy!r}")
         self.data_dir = Path(data_dir)
@@ -177,10 +187,11 @@ class Archive:
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
         #: volumes with raw frames: those of the index, and those this process stores into
-        self.pending = PendingVolumes()
-        with self.index.engine.connect() as connection:
-            for stem in compression_pending(connection):
-                self.pending.note(stem)
+        self.pending = PendingVolumes(timed=compresses)
+        if compresses:
+            with self.index.engine.connect() as connection:
+                for stem in compression_pending(connection):
+                    self.pending.note(stem)
 
     def close(self) -> None:
         """Close volumes and database connections."""

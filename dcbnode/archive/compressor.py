@@ -1,4 +1,5 @@
-"""Deferred compression: the node's background thread that compresses series once they go quiet.
+"""Deferred compression: the background thread that compresses series once they go quiet (in the node,
+it runs in its own niced process, apart from the association workers: ``dcbnode.cli.processes``).
 
 With ``compression = "deferred"`` the node acknowledges a C-STORE once the instance's frames are
 durable *uncompressed* (codec ``raw``) and indexed, which keeps HTJ2K encoding off the response path.
@@ -6,7 +7,9 @@ This thread then compacts each series volume that holds raw frames once no insta
 it for ``delay`` seconds: :func:`~.compaction.compact_volume` re-encodes the records (verified
 lossless) into the volume's next generation, crash-safe at every step, and clears the volume's
 ``pending_compression`` mark in the index.  Volumes marked before a restart are picked up again.
-While ``dcbnode-admin backup`` copies the volumes, compression waits (:mod:`.rewrite_lock`).
+While ``dcbnode-admin backup`` copies the volumes, compression waits (:mod:`.rewrite_lock`).  With
+``watch_index`` the volumes come from the index's marks, each idle since its file last changed: what
+other processes and hosts store is compressed too (:meth:`Compressor.note_from_index`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import time
 
 from ..dcbs import DcbsError
-from ..index.writer import clear_compression_pending
+from ..index.writer import clear_compression_pending, compression_pending
 from .archive import Archive
 from .compaction import compact_volume
 from .rewrite_lock import RewritesPaused
@@ -28,7 +31,7 @@ log = logging.getLogger("dcbnode.compress")
 #: How long a failed volume waits before it is tried again.
 RETRY_SECONDS = 60.0
 #: Lower CPU priority of the thread (Linux ``nice`` of one thread): ingest comes first.
-_NICENESS = 10
+NICENESS = 10
 
 
 class CompressionStopped(Exception):
@@ -38,9 +41,12 @@ class CompressionStopped(Exception):
 class Compressor:
     """Compresses idle series volumes in one background thread (see the module docstring)."""
 
-    def __init__(self, archive: Archive, delay: float) -> None:
+    def __init__(self, archive: Archive, delay: float, *, watch_index: bool = False) -> None:
+        """``watch_index``: other processes store into the archive (the node's workers, other hosts): each
+        round, take the volumes to compress from the index (see :meth:`note_from_index`)."""
         self.archive = archive
         self.delay = delay
+        self.watch_index = watch_index
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dcbnode-compressor", daemon=True)
         self._failed: dict[str, float] = {}  # stem → when to try again
@@ -71,13 +77,34 @@ class Compressor:
 
     def _run(self) -> None:
         with contextlib.suppress(OSError):  # not permitted here: run at normal priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICENESS)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
         while not self._stopping.wait(min(1.0, max(self.delay / 4, 0.05))):
             self._retry_failed()
             try:
+                if self.watch_index:
+                    self.note_from_index()
                 self.run_once()
             except Exception:  # never let the thread die: the next round tries again
                 log.exception("deferred compression failed")
+
+    def note_from_index(self) -> None:
+        """Note the volumes the index marks as holding raw frames, each as idle since its current file last
+        changed (every append changes it): other processes' stores, here and on other hosts.
+
+        Two compressors may pick the same volume (two hosts): :func:`~.compaction.compact_volume` holds the
+        volume's ``flock`` while it rewrites, and the later one finds it replaced and skips it.
+        """
+        with self.archive.index.engine.connect() as connection:
+            stems = compression_pending(connection)
+        for stem in stems:
+            if stem in self._failed:
+                continue
+            path = self.archive.current_volume_file(stem)
+            try:
+                age = time.time() - path.stat().st_mtime if path is not None else self.delay
+            except FileNotFoundError:  # replaced meanwhile: look again next round
+                continue
+            self.archive.pending.note(stem, age=max(0.0, age))
 
     def _compress(self, stem: str) -> int:
         """Compress the current generation of the volume ``stem``; 1 if it was rewritten."""

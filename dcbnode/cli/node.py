@@ -11,6 +11,7 @@ import argparse
 import faulthandler
 import logging
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from .. import service_notify, version_line
 from ..config import LOG_LEVELS, Config, ConfigError, load_config
+from .processes import STOP_SIGNALS
 
 if TYPE_CHECKING:
-    from ..net.server import Node
+    from ..archive import Archive
 
 log = logging.getLogger("dcbnode")
 
@@ -57,9 +59,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-#: Signals the main thread takes with sigwait(); SIGHUP reloads, the others stop the node.
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+#: Signals the main thread takes with sigwait(): SIGHUP reloads, SIGCHLD says a child process ended, the
+#: others stop the node.
+_STOP_SIGNALS = STOP_SIGNALS
+_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP, signal.SIGCHLD}
 
 
 class _Signals:
@@ -96,29 +99,10 @@ class _Signals:
         return bool(signal.sigpending() & _STOP_SIGNALS)
 
     @staticmethod
-    def wait() -> int:
-        """Block until one of the signals arrives; its number."""
-        return signal.sigwait(_SIGNALS)
-
-
-def _reload(node: Node, config: Config, overrides: dict[str, object]) -> None:
-    """SIGHUP: re-read [peers] and [access]; an invalid file keeps the running configuration."""
-    service_notify.reloading()
-    try:
-        if config.source is None:
-            log.warning("SIGHUP: no configuration file was given; nothing to reload")
-            return
-        try:
-            fresh = load_config(config.source, overrides)
-        except ConfigError as error:
-            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", error)
-            return
-        node.reload(fresh)
-        access = fresh.access
-        log.info("SIGHUP: reloaded [peers] (%d) and [access] (allowed calling AEs: %s)", len(fresh.peers),
-                 ", ".join(access.allowed_calling_aets) or "any")
-    finally:
-        service_notify.ready()
+    def wait(timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for one of the signals; its number, or None."""
+        info = signal.sigtimedwait(_SIGNALS, timeout)
+        return info.si_signo if info is not None else None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -151,13 +135,13 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     from ..archive import Archive
     from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
     from ..index.schema import SchemaError
-    from ..net.context import NodeContext
 
     try:
-        from ..net.server import Node
+        from ..net import server  # noqa: F401 - the workers' code, imported (and checked) before they start
     except ImportError as exc:  # e.g. a pynetdicom whose internals dcbnode's associations do not fit
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
+    from ..net.listener import open_listener
 
     node_cfg = config.node
     log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,
@@ -184,14 +168,19 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
             reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
             log.error("cannot open the index %s: %s", node_cfg.redacted_database_url, reason)
             return EXIT_FAILURE
-        node = Node(NodeContext(config=config, archive=archive))
         try:
-            node.bind()  # before recovery, which can take minutes: a taken port is reported now
+            # Before recovery, which can take minutes: a taken port is reported now.
+            listening = open_listener(node_cfg.bind, node_cfg.port)
         except OSError as exc:
             archive.close()
             log.error("cannot listen on %s:%d: %s", node_cfg.bind, node_cfg.port, exc.strerror or exc)
             return EXIT_FAILURE
-        return _recover_and_serve(node, overrides, signals)
+        try:
+            if not _recover(archive, signals):
+                return EXIT_OK
+            return _supervise(config, overrides, listening, signals)
+        finally:
+            listening.close()
     finally:
         lock.release()
 
@@ -232,13 +221,10 @@ class _RecoveryProgress:
 _EXTEND, _EVERY, _LOG_EVERY = 300.0, 10.0, 30.0
 
 
-def _recover_and_serve(node: Node, overrides: dict[str, object], signals: _Signals) -> int:
-    from ..archive.compressor import Compressor
+def _recover(archive: Archive, signals: _Signals) -> bool:
+    """Recover the archive (then close it: the workers open their own); False if a stop came meanwhile."""
     from ..archive.recovery import recover
 
-    archive, node_cfg = node.context.archive, node.context.config.node
-    # Runs in either mode: volumes left uncompressed under "deferred" still get compressed after a switch.
-    compressor = Compressor(archive, node_cfg.compression_delay)
     try:
         progress = _RecoveryProgress()
         report = recover(archive, progress)
@@ -247,26 +233,51 @@ def _recover_and_serve(node: Node, overrides: dict[str, object], signals: _Signa
                  report.instances_indexed, report.instances_removed, report.duplicates_cut, progress.elapsed())
         for problem in report.problems:
             log.error("recovery problem: %s", problem)
-        if signals.stop_pending():
-            log.info("stop requested during recovery; not accepting associations")
-            return EXIT_OK
         if archive.pending:
             log.info("%d series volume(s) wait for deferred compression", len(archive.pending))
-        compressor.start()
-        node.start()
-        log.info("%s accepting associations on %s:%d", node_cfg.ae_title, node_cfg.bind, node.port)
-        service_notify.ready(f"accepting associations on port {node.port}")
-        while signals.wait() == signal.SIGHUP:
-            _reload(node, node.context.config, overrides)
+    finally:
+        archive.close()
+    if signals.stop_pending():
+        log.info("stop requested during recovery; not accepting associations")
+        return False
+    return True
+
+
+def _supervise(config: Config, overrides: dict[str, object], listening: socket.socket, signals: _Signals) -> int:
+    """Listen, start the workers and the compressor, and supervise them until SIGTERM/SIGINT."""
+    from ..net.listener import start_listening
+    from ..net.slots import AssociationSlots
+    from .processes import Supervisor
+
+    node_cfg = config.node
+    start_listening(listening)
+    slots = AssociationSlots(node_cfg.max_associations, node_cfg.worker_count)
+    supervisor = Supervisor(config, overrides, listening, slots)
+    try:
+        supervisor.start()
+        port = listening.getsockname()[1]
+        log.info("%s accepting associations on %s:%d (%d worker process(es), at most %d association(s) at once)",
+                 node_cfg.ae_title, node_cfg.bind, port, slots.workers, slots.limit)
+        service_notify.ready(f"accepting associations on port {port}")
+        while True:
+            signum = signals.wait(min(supervisor.restart_due() or _POLL, _POLL))
+            if signum in _STOP_SIGNALS:
+                break
+            if signum == signal.SIGHUP:
+                service_notify.reloading()
+                supervisor.reload()
+                service_notify.ready()
+            supervisor.reap()  # SIGCHLD, or the periodic look
         log.info("stop requested; finishing in-flight operations")
         service_notify.stopping()
     finally:
-        node.stop(grace=node_cfg.dimse_timeout)
-        if not compressor.stop():
-            log.warning("deferred compression did not stop in time; its volume is left as it was")
-        archive.close()
+        supervisor.stop(grace=node_cfg.dimse_timeout)
         log.info("stopped")
     return EXIT_OK
+
+
+#: How often the main process looks at its children even without a SIGCHLD.
+_POLL = 1.0
 
 
 def main(argv: list[str] | None = None) -> int:

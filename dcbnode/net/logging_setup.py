@@ -7,11 +7,13 @@ import sys
 
 from pynetdicom import _config
 
-_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_FORMAT = "%(asctime)s %(levelname)-7s [{process}] %(name)s: %(message)s"
 
 
-def configure_logging(level: str) -> None:
-    """Log ``level`` and above to stderr (a service manager collects it, e.g. journald).
+def configure_logging(level: str, process: str = "main") -> None:
+    """Log ``level`` and above to stderr (a service manager collects it, e.g. journald), each line tagged
+    with the node's ``process`` (``main``, a worker ``w1``, ``w2``…, ``compress``): all of them share the
+    stream.
 
     pynetdicom logs every PDU and DIMSE message at INFO/DEBUG; our own per-association and
     per-operation lines replace that, so its loggers are held at WARNING except when debugging.
@@ -20,7 +22,7 @@ def configure_logging(level: str) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(logging.Formatter(_FORMAT.format(process=process)))
     root.addHandler(handler)
     set_level(level)
 

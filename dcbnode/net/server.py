@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socketserver
+import socket
 import threading
 import time
 from typing import Any
@@ -28,7 +28,6 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
@@ -36,8 +35,10 @@ from .associations import ASSOCIATION_HANDLERS
 from .commitment_scp import CommitmentService
 from .context import NodeContext
 from .find_scp import handle_find, negotiate_extended
+from .listener import AssociationLimit, NodeServer
 from .provider import NodeAE, NodeRequestHandler
 from .retrieve_scp import handle_get, handle_move
+from .slots import AssociationSlots
 from .sop_classes import UnknownStorageClasses, add_storage_contexts
 from .store_scp import InFlight, handle_store
 
@@ -87,16 +88,20 @@ def apply_access(ae: NodeAE, config: Config) -> None:
 class Node:
     """The running node: server thread, handlers and graceful stop."""
 
-    def __init__(self, context: NodeContext) -> None:
+    def __init__(self, context: NodeContext, limit: AssociationLimit | None = None) -> None:
+        """``limit``: the node's association slots when several workers share them (default: this
+        process's own, ``node.max_associations``)."""
         self.context = context
         self.in_flight = InFlight()
         self.ae = build_ae(context.config)
         self.commitments = CommitmentService(context)
-        self._server: _ListenLaterServer | None = None
+        self.limit = limit or AssociationLimit(AssociationSlots(context.config.node.max_associations, 1), 0)
+        self._server: NodeServer | None = None
         self._handlers = self._bind_handlers()
 
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
         handlers: list[tuple[Any, ...]] = [
+            *self.limit.handlers,  # first: a rejected association gets no further EVT_REQUESTED work
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
             (evt.EVT_SOP_EXTENDED, negotiate_extended),  # combined date-time matching for C-FIND
             (evt.EVT_N_ACTION, self.commitments.handle_n_action),
@@ -116,20 +121,13 @@ class Node:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def bind(self) -> None:
-        """Reserve the TCP port (an ``OSError`` now if it is taken), without accepting connections yet."""
-        node = self.context.config.node
-        self._server = self.ae.make_server((node.bind, node.port), evt_handlers=self._handlers,
-                                           server_class=_ListenLaterServer, request_handler=NodeRequestHandler)
-
-    def start(self) -> None:
-        """Start accepting associations in a background thread (binds first if :meth:`bind` was not called)."""
-        if self._server is None:
-            self.bind()
-        server = self._server
-        assert server is not None
-        server.listen()
-        threading.Thread(target=server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
+    def start(self, listening: socket.socket) -> None:
+        """Start accepting associations from ``listening`` (:func:`~.listener.start_listening`) in a
+        background thread, and delivering storage commitment reports."""
+        host, port = listening.getsockname()[:2]
+        self._server = self.ae.make_server((host, port), evt_handlers=self._handlers, server_class=NodeServer,
+                                           request_handler=NodeRequestHandler, listening=listening)
+        threading.Thread(target=self._server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
         self.commitments.start()
 
     def reload(self, fresh: Config) -> None:
@@ -146,16 +144,11 @@ class Node:
         server = self._server
         if server is None:
             return
-        if not server.listening:  # bound only (stopped during recovery): nothing was ever accepted
-            server.server_close()
-            self._server = None
-            return
         # C-STOREs arriving from now on are refused with 0xA700 (the sender may retry), so the wait
         # below cannot be prolonged by new work.
         self.in_flight.close()
-        # ThreadedAssociationServer.shutdown(): ends the accept loop, closes the listening socket and
-        # joins the request threads (each only starts an AcceptorThread). Unlike AE.shutdown() it does
-        # not abort the associations in progress.
+        # NodeServer.shutdown(): ends the accept loop and closes this process's listening descriptor.
+        # Unlike AE.shutdown() it does not abort the associations in progress.
         server.shutdown()
         if not self.commitments.stop(_CLOSE_TIMEOUT):
             log.warning("a storage commitment report was still being sent; it is sent again after the restart")
@@ -179,28 +172,6 @@ class Node:
         self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
         self._server = None
         log.info("stopped accepting associations (%d connection(s) ended)", len(associations))
-
-
-class _ListenLaterServer(ThreadedAssociationServer):
-    """Bound when created, listening only from :meth:`listen`: the node reserves its port before the
-    archive's recovery (a port conflict is reported at once, not after minutes of recovery) while peers
-    still get "connection refused", not a silent wait, until it can answer."""
-
-    listening = False
-
-    def server_activate(self) -> None:
-        """socketserver's constructor calls this right after binding; listening waits for :meth:`listen`."""
-
-    def listen(self) -> None:
-        """Start listening (socketserver's ``server_activate``)."""
-        super().server_activate()
-        self.listening = True
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket, as pynetdicom's ``shutdown`` does, except for dropping the
-        server from the list ``AE.start_server`` keeps: ``make_server`` never put it there."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
 
 
 #: After the grace, how long the peers get to close their end after our A-ABORT, and the handlers to end.

@@ -1,0 +1,125 @@
+"""The node's listening socket, shared by its worker processes, and the server each worker runs on it.
+
+**Pre-fork on an inherited socket.**  The main process binds the port (before recovery, so a taken port
+is reported at once, while peers get "connection refused" until the node can answer), starts listening
+once the archive is recovered, and then starts the workers, which inherit the socket.  Each worker's
+:class:`NodeServer` accepts from it: the kernel queues every connection once, in one backlog, and gives
+it to whichever worker calls ``accept`` first — a busy worker (its threads holding its GIL) is late to
+ask, so an idle one takes the connection.  The socket is non-blocking, so a worker that lost the race
+for a connection returns to its wait instead of blocking in ``accept``.  A worker that dies loses only
+the connections it had accepted; those still queued wait for the others.  (``SO_REUSEPORT`` — one
+socket per worker — was not chosen: the kernel hashes connections onto the sockets whatever the
+workers' load, drops those queued on a dead worker's socket, and a configured port 0 would give each
+worker a different port.)
+
+Every association counts against ``max_associations`` for the node as a whole (:mod:`.slots`): one
+beyond it is rejected with A-ASSOCIATE-RJ rejected-transient, service-provider (presentation),
+local-limit-exceeded, as pynetdicom rejects one beyond its own per-process limit.
+
+A later TLS listener or a pre-association timeout belongs here too: ``NodeServer.get_request`` is where
+pynetdicom wraps an accepted socket in TLS (its ``ssl_context``), and every connection passes through
+:meth:`NodeServer.process_request` before its association starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .slots import AssociationSlots
+
+__all__ = ["AssociationLimit", "NodeServer", "open_listener", "start_listening"]
+
+log = logging.getLogger("dcbnode.server")
+
+#: Connections the kernel queues for the workers to accept.
+_BACKLOG = 128
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, not yet listening (``OSError`` if the port is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As pynetdicom: a restarted node may bind while old connections are in TIME_WAIT.
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+    except BaseException:
+        listening.close()
+        raise
+    return listening
+
+
+def start_listening(listening: socket.socket) -> None:
+    """Start queueing connections on ``listening`` for the workers (non-blocking accept, see above)."""
+    listening.listen(_BACKLOG)
+    listening.setblocking(False)
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, accepting on a listening socket it was given (``listening``).
+
+    Built by ``AE.make_server(..., server_class=NodeServer, listening=sock)``.  It never binds, listens or
+    shuts the socket down — that would stop the port for every worker — it only closes its descriptor.
+    """
+
+    def __init__(self, *args: Any, listening: socket.socket, **kwargs: Any) -> None:
+        self._listening = listening
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """Use the given socket instead of the one socketserver just made."""
+        self.socket.close()
+        self.socket = self._listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listening already (:func:`start_listening`)."""
+
+    def server_close(self) -> None:
+        """Close this process's descriptor of the listening socket."""
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the descriptor (pynetdicom's ``shutdown`` also drops the server from the
+        list ``AE.start_server`` keeps, which ``make_server`` never put it in)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class AssociationLimit:
+    """``max_associations`` over every worker: the ``EVT_REQUESTED`` / ``EVT_CONN_CLOSE`` handlers that
+    take and give back a slot of :class:`~.slots.AssociationSlots` for each association requested."""
+
+    def __init__(self, slots: AssociationSlots, worker: int) -> None:
+        self.slots = slots
+        self.worker = worker
+
+    def requested(self, event: Event) -> None:
+        """An A-ASSOCIATE-RQ arrived: take a slot, or reject it as pynetdicom rejects one over its limit."""
+        assoc = event.assoc
+        if self.slots.acquire(self.worker):
+            assoc.dcbnode_slot = True
+            return
+        # Who asked, for the association's log line (pynetdicom sets it only when it negotiates).
+        assoc.requestor.ae_title = assoc.requestor.primitive.calling_ae_title
+        assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local-limit-exceeded
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def closed(self, event: Event) -> None:
+        """The connection ended: give back its slot, if it had one."""
+        if getattr(event.assoc, "dcbnode_slot", False):
+            event.assoc.dcbnode_slot = False
+            self.slots.release(self.worker)
+
+    @property
+    def handlers(self) -> list[tuple[Any, ...]]:
+        """The handlers to bind on the server (before any other ``EVT_REQUESTED`` handler)."""
+        return [(evt.EVT_REQUESTED, self.requested), (evt.EVT_CONN_CLOSE, self.closed)]
