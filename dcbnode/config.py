@@ -123,6 +123,7 @@ class NodeConfig:
     workers: int = 0
     max_pdu_size: int = 1048576
     acse_timeout: float = 30.0
+    association_request_timeout: float = 5.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     duplicate_policy: str = "keep_first"
@@ -399,6 +400,7 @@ _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "workers": _int_between(0, 256),
     "max_pdu_size": _pdu_size,
     "acse_timeout": _timeout,
+    "association_request_timeout": _timeout,
     "dimse_timeout": _timeout,
     "network_timeout": _timeout,
     "duplicate_policy": _choice(DUPLICATE_POLICIES),

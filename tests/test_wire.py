@@ -296,8 +296,9 @@ def _socket_pair() -> tuple[socket.socket, _CountingSocket]:
 
 
 def _reader(connection: socket.socket) -> NodeSocket:
-    reader = NodeSocket.__new__(NodeSocket)  # only .socket is used by recv
+    reader = NodeSocket.__new__(NodeSocket)  # only .socket and the association's timeouts are used by recv
     reader.socket = connection
+    reader._assoc = None  # no association: no deadline
     return reader
 
 

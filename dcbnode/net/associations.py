@@ -126,7 +126,7 @@ def _on_close(event: Event) -> None:
     level = logging.WARNING if state in ("rejected", "aborted", "dropped") else logging.INFO
     log.log(level, "association %s from %s@%s (called %s) after %.2f s: %s",
             state, assoc.requestor.ae_title.strip() or "?", stats.address, _called_aet(assoc), seconds,
-            stats.rejection or stats.summary())
+            stats.rejection or _refusal(assoc) or stats.summary())
 
 
 #: Responses whose final (non-pending) instance ends an operation logged here.
@@ -187,6 +187,12 @@ ASSOCIATION_HANDLERS = [
     (evt.EVT_DIMSE_RECV, _on_dimse_recv),
     (evt.EVT_DIMSE_SENT, _on_dimse_sent),
 ]
+
+
+def _refusal(assoc: object) -> str:
+    """What the peer did wrong at the protocol level (garbage, a PDU too long, too slow), if anything."""
+    refusal = getattr(assoc, "refusal", "")
+    return f"{refusal}: connection closed" if refusal else ""
 
 
 def _called_aet(assoc: object) -> str:

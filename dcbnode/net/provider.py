@@ -14,7 +14,13 @@ echo``) runs stock pynetdicom.  dcbnode's associations are made of:
   takes nothing while a ``send_*()`` has paused the reactor to wait for its own reply.
 * :class:`NodeDUL` — sends such a message with one socket write; its idle wait ends as soon as the peer
   sends or a message is queued (pynetdicom's sleeps 1 ms).
-* :class:`NodeSocket` — reads a PDU up to 256 KiB per system call (pynetdicom's: 4 KiB).
+* :class:`NodeSocket` — reads a PDU up to 256 KiB per system call (pynetdicom's: 4 KiB); every read and
+  write has a deadline (:mod:`.guard`).
+
+The network defences (:mod:`.guard`): a PDU header is checked before its body is read (garbage, a PDU
+before the A-ASSOCIATE-RQ, or one claiming more than the node accepts → A-ABORT and the connection is
+closed); a connection that has not sent its A-ASSOCIATE-RQ within ``association_request_timeout`` is
+closed and, until it has, does not count against ``max_associations``.
 
 Why each exists (measured on 512² CT): see :mod:`.wire` and the methods' docstrings.  The pynetdicom
 internals they rely on are checked when this module is imported: an incompatible pynetdicom raises
@@ -47,8 +53,10 @@ from pynetdicom.dimse_messages import _DATASET_KEYWORDS
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
+from .guard import HEADER, header_refusal, io_deadline, remaining
 from .move_destination import answer_unreachable
 from .wire import (
     EncodedDataset,
@@ -71,30 +79,88 @@ _IDLE = 0.001
 
 
 class NodeSocket(AssociationSocket):
-    """An association socket that reads large pieces and lets the DUL wait on it while idle."""
+    """An association socket that reads large pieces, with a deadline for every read and write, and lets
+    the DUL wait on it while idle."""
+
+    #: Bytes :meth:`NodeDUL._read_pdu_data` read to check a PDU header, for the next :meth:`recv`.
+    _unread = b""
+
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of what :meth:`recv` returns next."""
+        self._unread = bytes(data) + self._unread
 
     def recv(self, nr_bytes: int) -> bytearray:
         """pynetdicom's ``recv`` reading up to :data:`_RECV_CHUNK` per call (its own reads 4 KiB: 130 calls
-        with their Python loop steps for one 512² CT slice).  Blocks until ``nr_bytes`` are read; returns
-        what there is when the peer closes; never allocates more than the chunk ahead of the data (a PDU
-        length is the peer's claim, up to 4 GiB)."""
+        with their Python loop steps for one 512² CT slice).  Blocks until ``nr_bytes`` are read, and no
+        longer than the association's I/O deadline (:func:`~.guard.io_deadline`); returns what there is
+        when the peer closes, the connection fails or the deadline passes (pynetdicom then reports the
+        connection closed, Evt17).  Never allocates more than the chunk ahead of the data (a PDU length is
+        the peer's claim, up to 4 GiB)."""
         connection = cast(socket.socket, self.socket)
-        bytestream = bytearray()
-        while len(bytestream) < nr_bytes:
-            bytes_read = connection.recv(min(nr_bytes - len(bytestream), _RECV_CHUNK))
-            if not bytes_read:
-                return bytestream
-            bytestream += bytes_read
+        bytestream = bytearray(self._unread[:nr_bytes])
+        self._unread = self._unread[nr_bytes:]
+        deadline = io_deadline(self.assoc)
+        try:
+            while len(bytestream) < nr_bytes:
+                connection.settimeout(remaining(deadline))
+                bytes_read = connection.recv(min(nr_bytes - len(bytestream), _RECV_CHUNK))
+                if not bytes_read:
+                    return bytestream
+                bytestream += bytes_read
+        except TimeoutError:
+            _note(self.assoc, "sent no complete PDU in time (network_timeout, or association_request_timeout "
+                              "before the A-ASSOCIATE-RQ)")
+        except OSError:  # reset by the peer, closed by a stop: the connection is gone
+            pass
         return bytestream
+
+    def send(self, bytestream: bytes) -> None:
+        """pynetdicom's ``send`` with the I/O deadline: a peer that stops reading (or reads a byte a
+        second) is taken as a closed connection (Evt17) after ``network_timeout``, not waited for."""
+        connection = cast(socket.socket, self.socket)
+        deadline = io_deadline(self.assoc)
+        view = memoryview(bytestream)
+        try:
+            while view:
+                connection.settimeout(remaining(deadline))
+                view = view[connection.send(view):]
+        except TimeoutError:
+            _note(self.assoc, "did not take what the node sent within network_timeout")
+            self.event_queue.put("Evt17")
+            return
+        except (OSError, AttributeError):  # AttributeError: closed meanwhile (socket None)
+            self.event_queue.put("Evt17")
+            return
+        evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
     @property
     def ready(self) -> bool:
         """Whether data can be read; asked by the DUL loop each round, and first waits (see
         :meth:`NodeDUL.idle_wait`)."""
+        if self._unread:
+            return True
         dul = self.assoc.dul
         if isinstance(dul, NodeDUL) and self.socket is not None and self._is_connected:
             dul.idle_wait(self.socket)
         return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+
+def _note(assoc: Association, problem: str) -> None:
+    """Keep the first protocol problem of ``assoc``'s peer for the association's log line."""
+    if not getattr(assoc, "refusal", ""):
+        assoc.refusal = problem  # type: ignore[attr-defined]
+
+
+class NodeStateMachine(StateMachine):
+    """The DUL state machine; an acceptor whose connection ended before its A-ASSOCIATE-RQ ends at once."""
+
+    def do_action(self, event: str) -> None:
+        """pynetdicom's; back in Sta1 (no connection) without a request, the acceptor thread, which waits
+        up to ``acse_timeout`` for the request, is woken (``None`` is what its wait returns on timeout)."""
+        super().do_action(event)
+        assoc = self.dul.assoc
+        if self.current_state == "Sta1" and isinstance(assoc, NodeAssociation):
+            assoc.abandon_request()
 
 
 class NodeDUL(DULServiceProvider):
@@ -108,7 +174,10 @@ class NodeDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.state_machine = NodeStateMachine(self)
         self._run_loop_delay = 0
+        #: Set when a PDU was refused: the connection is closed once the A-ABORT is sent.
+        self._refused = False
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         weakref.finalize(self, os.close, self._wakeup)
 
@@ -122,6 +191,35 @@ class NodeDUL(DULServiceProvider):
             return
         if self._wakeup in readable:
             os.eventfd_read(self._wakeup)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's, after checking the PDU's header (:func:`~.guard.header_refusal`): a refused PDU is
+        an invalid PDU (Evt19: A-ABORT) and its body is never read."""
+        sock = cast(NodeSocket, self.socket)
+        header = sock.recv(HEADER.size)
+        assoc = self.assoc
+        awaiting = getattr(assoc, "awaiting_request", False)
+        if len(header) == HEADER.size:
+            refusal = header_refusal(bytes(header), awaiting, assoc.ae.maximum_pdu_size)
+            if refusal:
+                _note(assoc, refusal)
+                self._refused = True
+                self.event_queue.put("Evt19")
+                return
+        sock.unread(header)
+        super()._read_pdu_data()
+        if awaiting and header[:1] == b"\x01":
+            cast(NodeAssociation, assoc).request_read()
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's, except after a refused PDU: nothing more is read from the peer, and once the
+        A-ABORT is sent (Sta13) the connection is closed."""
+        if not self._refused:
+            return bool(super()._is_transport_event())
+        if self.state_machine.current_state == "Sta13" and self.socket is not None:
+            self.socket.close()
+            return True
+        return False
 
     def send_pdu(self, primitive: Any) -> None:
         """Queue ``primitive`` for the peer and wake the DUL loop."""
@@ -218,6 +316,14 @@ def await_message(assoc: Association, seconds: float) -> None:
 class NodeAssociation(Association):
     """One of dcbnode's associations (acceptor, or a C-MOVE sub-association it requests)."""
 
+    #: An acceptor whose A-ASSOCIATE-RQ has not been read yet: not counted by
+    #: :attr:`NodeAE.active_associations`, its reads end by :attr:`request_deadline`.
+    awaiting_request = False
+    request_deadline: float | None = None
+    _abandoned = False
+    #: The peer's first protocol problem (garbage, a PDU too long, a timeout), for the log line.
+    refusal = ""
+
     def __init__(self, ae: ApplicationEntity, mode: str) -> None:
         super().__init__(ae, mode)
         self._use_node_providers()
@@ -229,6 +335,27 @@ class NodeAssociation(Association):
         # The setters put these on the DUL's timers.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
+
+    def await_request(self, seconds: float) -> None:
+        """As acceptor: the A-ASSOCIATE-RQ must be read within ``seconds`` from now, or the connection is
+        closed (the ARTIM timer of PS3.8 9.1.5 while the DUL waits for data; the read deadline while it
+        reads it)."""
+        self.awaiting_request = True
+        self.request_deadline = time.monotonic() + seconds
+        self.dul.artim_timer.timeout = seconds
+
+    def abandon_request(self) -> None:
+        """As acceptor, once the connection has ended without an A-ASSOCIATE-RQ: wake the thread that waits
+        for it (with ``None``, what its wait returns on timeout) so that it ends now, not after
+        ``acse_timeout``."""
+        if self.awaiting_request and not self._abandoned:
+            self._abandoned = True
+            self.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def request_read(self) -> None:
+        """The A-ASSOCIATE-RQ has been read: from now on ``acse_timeout`` is the ARTIM timeout again."""
+        self.awaiting_request = False
+        self.dul.artim_timer.timeout = self.acse_timeout
 
     @classmethod
     def adopt(cls, assoc: Association) -> None:
@@ -333,6 +460,7 @@ class NodeRequestHandler(RequestHandler):
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(NodeSocket(assoc, client_socket=self.request))
+        assoc.await_request(cast(NodeAE, self.ae).association_request_timeout)
         acceptor = assoc.acceptor
         acceptor.maximum_length = self.ae.maximum_pdu_size
         acceptor.ae_title = self.server.ae_title
@@ -353,6 +481,16 @@ class NodeRequestHandler(RequestHandler):
 
 class NodeAE(ApplicationEntity):
     """The node's Application Entity: every association it requests is a :class:`NodeAssociation`."""
+
+    #: Seconds a connection has to send its A-ASSOCIATE-RQ (``[node] association_request_timeout``).
+    association_request_timeout = 5.0
+
+    @property
+    def active_associations(self) -> list[Association]:
+        """pynetdicom's, without the connections that have not sent their A-ASSOCIATE-RQ yet: those are
+        not associations, and must not take the places ``maximum_associations`` counts (a port scan
+        would lock out every modality until their timeout)."""
+        return [assoc for assoc in super().active_associations if not getattr(assoc, "awaiting_request", False)]
 
     def _create_socket(self, assoc: Association, address: AddressInformation, tls_args: Any) -> AssociationSocket:
         """Called by ``AE.associate`` with the association it just made, before anything uses it."""

@@ -65,6 +65,7 @@ def build_ae(config: Config) -> NodeAE:
     # 0 means "no limit" both in our config and in pynetdicom.
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
+    ae.association_request_timeout = node.association_request_timeout
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.maximum_associations = node.max_associations
