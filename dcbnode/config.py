@@ -33,6 +33,7 @@ __all__ = [
     "DUPLICATE_POLICIES",
     "DUPLICATE_STATUS",
     "LOG_LEVELS",
+    "PEER_SERVICES",
     "AccessConfig",
     "Config",
     "ConfigError",
@@ -156,12 +157,18 @@ class NodeConfig:
         return DUPLICATE_STATUS[self.duplicate_policy]
 
 
+#: What ``[peers.<AE>] allow`` may list: the DIMSE services a peer may ask the node for.
+PEER_SERVICES: Final[tuple[str, ...]] = ("echo", "store", "find", "move", "get")
+
+
 @dataclass(frozen=True)
 class AccessConfig:
     """The ``[access]`` table: which associations are accepted."""
 
     allowed_calling_aets: tuple[str, ...] = ()
     require_called_aet: bool = True
+    #: Only calling AE titles in [peers], connecting from their peer's host.
+    require_known_peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,8 @@ class PeerConfig:
     ae_title: str
     host: str
     port: int
+    #: The services this peer may ask for (``[peers.<AE>] allow``).
+    allow: frozenset[str] = frozenset(PEER_SERVICES)
 
 
 @dataclass(frozen=True)
@@ -411,8 +420,20 @@ _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
 _ACCESS_SCHEMA: Final[Mapping[str, _Validator]] = {
     "allowed_calling_aets": _ae_title_list,
     "require_called_aet": _bool,
+    "require_known_peer": _bool,
 }
-_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port}
+def _services(value: object, key: str) -> frozenset[str]:
+    listing = ", ".join(f'"{name}"' for name in PEER_SERVICES)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(key, f"must be a list of services from {listing}, got {_show(value)}")
+    unknown = [item for item in value if item not in PEER_SERVICES]
+    if unknown:
+        raise ConfigError(key, f"unknown service {_show(unknown[0])}; use any of {listing}")
+    return frozenset(value)
+
+
+_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port, "allow": _services}
+_PEER_REQUIRED: Final = ("host", "port")
 _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
     "case_insensitive_names": _bool,
     "max_responses": _int_between(0, None),
@@ -454,7 +475,7 @@ def _build_peers(raw: object) -> dict[str, PeerConfig]:
         if aet in peers:
             raise ConfigError(prefix, f"duplicates peers.{aet} (AE titles are compared without spaces)")
         values = _validate_table(_require_table(table, prefix, "with host and port"), prefix, _PEER_SCHEMA)
-        for required in _PEER_SCHEMA:
+        for required in _PEER_REQUIRED:
             if required not in values:
                 raise ConfigError(f"{prefix}.{required}", f"missing; add {required} = ... to [{prefix}]")
         peers[aet] = PeerConfig(ae_title=aet, **values)

@@ -96,6 +96,8 @@ def rejection_reason(assoc: Association) -> str:
         (2, 1): "user identity not accepted",
         (3, 2): f"association limit reached ({ae.maximum_associations} at once, node.max_associations)",
     }.get((source, reason), "rejected")
+    # A rejection of dcbnode's own (access.PeerCheck) says why itself.
+    why = getattr(assoc, "refusal", "") or why
     return f"{why} (A-ASSOCIATE-RJ {reject_codes(sent)})"
 
 

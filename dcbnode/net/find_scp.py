@@ -14,6 +14,7 @@ from pynetdicom.sop_class import (
 from ..archive import Archive
 from ..dcbs.dataset_split import parse_explicit_le
 from ..index.query import STATUS_UNABLE_TO_PROCESS, QueryError, parse_identifier, run_query
+from .access import operation_refusal
 from .context import NodeContext
 
 _MODELS = {
@@ -74,6 +75,10 @@ def handle_find(event: Event, context: NodeContext) -> Iterator[tuple[int | Data
     model = _MODELS.get(sop_class)
     if model is None:
         yield failure(STATUS_UNABLE_TO_PROCESS, f"Unsupported SOP class {sop_class}"), None
+        return
+    refused = operation_refusal(event, context, "find")
+    if refused is not None:
+        yield refused, None
         return
     try:
         query = parse_identifier(event.identifier, model, config.query,

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.events import Event
@@ -29,7 +31,7 @@ from pynetdicom.events import Event
 from ..config import PeerConfig
 from .associations import reject_codes
 
-__all__ = ["DESTINATION_UNREACHABLE", "DestinationAttempt", "answer_unreachable"]
+__all__ = ["DESTINATION_UNREACHABLE", "DestinationAttempt", "MoveRefused", "answer_unreachable"]
 
 log = logging.getLogger("dcbnode.retrieve")
 
@@ -91,6 +93,15 @@ class DestinationAttempt:
         return f"{self.peer.ae_title}@{self.peer.host}:{self.peer.port}"
 
 
+@dataclass(frozen=True)
+class MoveRefused:
+    """A C-MOVE refused before any destination was looked at (the peer may not move, see
+    :mod:`.access`): its final response carries ``status`` instead of pynetdicom's A801."""
+
+    message_id: int
+    status: Dataset
+
+
 def answer_unreachable(assoc: Any, primitive: Any) -> None:
     """Called by the node's DIMSE provider (:class:`~.provider.NodeDIMSE`) for every message it sends: a
     C-MOVE response ``A801`` for a move with a recorded attempt becomes :data:`DESTINATION_UNREACHABLE`
@@ -98,9 +109,14 @@ def answer_unreachable(assoc: Any, primitive: Any) -> None:
     if not isinstance(primitive, C_MOVE) or primitive.Status != UNKNOWN_DESTINATION:
         return
     attempt = getattr(assoc, "dcbnode_move_attempt", None)
-    if not isinstance(attempt, DestinationAttempt) or attempt.message_id != primitive.MessageIDBeingRespondedTo:
+    if not isinstance(attempt, DestinationAttempt | MoveRefused) or \
+            attempt.message_id != primitive.MessageIDBeingRespondedTo:
         return
     assoc.dcbnode_move_attempt = None
+    if isinstance(attempt, MoveRefused):
+        primitive.Status = attempt.status.Status
+        primitive.ErrorComment = attempt.status.ErrorComment
+        return
     reason = attempt.reason()
     log.warning("C-MOVE destination %s could not be reached: %s; answering 0x%04X",
                 attempt.address, reason, DESTINATION_UNREACHABLE)

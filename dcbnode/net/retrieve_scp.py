@@ -37,8 +37,9 @@ from pynetdicom.sop_class import (
 
 from ..archive.retrieve import RetrieveError, RetrieveMatch, find_retrieve_matches
 from ..index.query import STATUS_IDENTIFIER_MISMATCH
+from .access import operation_refusal
 from .context import NodeContext
-from .move_destination import DestinationAttempt
+from .move_destination import DestinationAttempt, MoveRefused
 from .transfer import accepted_storage_syntaxes, prepared_instances, storage_contexts
 
 __all__ = ["handle_get", "handle_move", "no_delay"]
@@ -103,7 +104,8 @@ def _sub_operations(event: Event, context: NodeContext, matches: Sequence[Retrie
 
 def handle_get(event: Event, context: NodeContext) -> Iterator[Any]:
     """EVT_C_GET handler: send the matches back over the requesting association."""
-    matches, failure = _matches(event, context)
+    refused = operation_refusal(event, context, "get")
+    matches, failure = ([], refused) if refused is not None else _matches(event, context)
     if failure is not None:
         yield 1  # pynetdicom answers a failure only after a sub-operation count
         yield failure, None
@@ -159,8 +161,15 @@ class _Receiver:
 def handle_move(event: Event, context: NodeContext) -> Iterator[Any]:
     """EVT_C_MOVE handler: send the matches to a configured peer over a new association."""
     config = context.config  # read once: SIGHUP may swap it
+    refused = operation_refusal(event, context, "move")
+    if refused is not None:  # answered with this status instead of pynetdicom's A801 (move_destination)
+        event.assoc.dcbnode_move_attempt = MoveRefused(int(event.request.MessageID), refused)
+        yield None, None
+        return
     raw = event.move_destination
-    destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip()
+    # Only spaces are insignificant in an AE title (PS3.5 6.2): a look-alike (other case, NUL or tab
+    # padding) is not a configured peer.
+    destination = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip(" ")
     peer = config.peers.get(destination)
     if peer is None:
         event.assoc.dcbnode_move_attempt = None  # A801 as pynetdicom sends it

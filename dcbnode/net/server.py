@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 
 from ..config import Config
 from ..dcbs.syntaxes import STORABLE_SYNTAXES
+from .access import PeerCheck, handle_echo
 from .associations import ASSOCIATION_HANDLERS
 from .commitment_scp import CommitmentService
 from .context import NodeContext
@@ -103,6 +104,8 @@ class Node:
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
         handlers: list[tuple[Any, ...]] = [
             *self.limit.handlers,  # first: a rejected association gets no further EVT_REQUESTED work
+            (evt.EVT_REQUESTED, PeerCheck(), [self.context]),  # [access] require_known_peer
+            (evt.EVT_C_ECHO, handle_echo, [self.context]),
             (evt.EVT_C_STORE, handle_store, [self.context, self.in_flight]),
             (evt.EVT_SOP_EXTENDED, negotiate_extended),  # combined date-time matching for C-FIND
             (evt.EVT_N_ACTION, self.commitments.handle_n_action),

@@ -26,6 +26,7 @@ from ..dcbs import (
     is_valid_uid,
 )
 from ..dcbs.file_meta import received_file_meta
+from .access import operation_refusal
 from .context import NodeContext
 
 log = logging.getLogger("dcbnode.store")
@@ -131,6 +132,9 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
     comment)."""
     archive = context.archive
     config = context.config  # read once: SIGHUP may swap it
+    refused = operation_refusal(event, context, "store")
+    if refused is not None:
+        return refused
     try:
         if not (is_valid_uid(requested_uid) and is_valid_uid(str(event.request.AffectedSOPClassUID or ""))):
             return status(DATASET_MISMATCH, "the C-STORE request's SOP UIDs are not valid UIDs")
