@@ -33,12 +33,15 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Veri
 from pynetdicom.transport import AddressInformation
 
 _4_GIB_ASSOCIATE_RQ = struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF)
+#: echoscu's own timeouts (connect, A-ASSOCIATE-AC, C-ECHO-RSP), in seconds.  On an idle 2-core machine
+#: the C-ECHO amid the garbage takes well under a second (docs/reliability.md); the bound is looser so
+#: that a loaded CI machine does not fail it, and still far below the 30 s the garbage used to hold.
+TIMEOUT = "10"
 
 
 def _echoscu(node, *extra: str) -> tuple[bool, str]:
-    """One C-ECHO with DCMTK's echoscu; its own timeouts (2 s to connect, for the A-ASSOCIATE-AC and
-    the C-ECHO response) bound it."""
-    result = run_dcmtk("echoscu", ["-to", "2", "-ta", "2", "-td", "2", "-aec", NODE_AET, *extra,
+    """One C-ECHO with DCMTK's echoscu, bounded by its own timeouts (:data:`TIMEOUT`)."""
+    result = run_dcmtk("echoscu", ["-to", TIMEOUT, "-ta", TIMEOUT, "-td", TIMEOUT, "-aec", NODE_AET, *extra,
                                    node.host, str(node.port)], timeout=30)
     return result.returncode == 0, result.stdout + result.stderr
 
@@ -87,7 +90,9 @@ def test_garbage_connections_do_not_lock_out_a_real_association(running_node):
         flood = threading.Thread(target=more)
         flood.start()
         try:
+            started = time.monotonic()
             ok, output = _echoscu(node)
+            print(f"C-ECHO amid garbage connections: {time.monotonic() - started:.2f} s")  # for the docs
         finally:
             stop.set()
             flood.join(30)
@@ -164,7 +169,7 @@ def test_a_trickled_association_request_is_dropped(running_node):
     with closing(socket.create_connection((node.host, node.port))) as sock:
         # The whole request would take minutes at 0.2 s a byte; the node closes it after about 1 s.
         assert _trickle(sock, request, 0.2, 20)
-    assert "sent no complete PDU in time" in node.log()
+    assert wait_until(lambda: "sent no complete PDU in time" in node.log())
 
 
 def _established_socket(node, *contexts: tuple[str, str], roles: tuple[str, ...] = (),
@@ -203,7 +208,7 @@ def test_a_trickled_pdu_is_dropped_while_others_go_on(running_node):
         trickler.join(40)
         assert ok, output
         assert result == [True]
-    assert "sent no complete PDU in time" in node.log()
+    assert wait_until(lambda: "sent no complete PDU in time" in node.log())
 
 
 @contextmanager

@@ -134,12 +134,13 @@ def test_allow_lists_only_known_services(tmp_path: Path):
     from dcbnode.config import ConfigError, load_config
 
     path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n[peers.CT]\nhost = "ct"\nport = 104\nallow = ["store", "stor"]\n')
+    peer = '[peers.CT]\nhost = "ct"\nport = 104\n'
+    path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n{peer}allow = ["store", "stor"]\n')
     try:
         load_config(path)
     except ConfigError as error:
         assert str(error).startswith('peers.CT.allow: unknown service "stor"; use any of "echo", "store"'), str(error)
     else:
         raise AssertionError("accepted")
-    path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n[peers.CT]\nhost = "ct"\nport = 104\nallow = []\n')
+    path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n{peer}allow = []\n')
     assert load_config(path).peers["CT"].allow == frozenset()

@@ -86,6 +86,8 @@ class PeerCheck:
 
     def __call__(self, event: Event, context: NodeContext) -> None:
         assoc = event.assoc
+        if assoc.is_rejected:  # by the association limit, bound before
+            return
         calling = str(assoc.requestor.primitive.calling_ae_title).strip(" ")
         why = self.refusal(context.config, calling, assoc.requestor.address)
         if not why:
