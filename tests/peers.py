@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "LOOPBACK",
@@ -428,3 +429,24 @@ def pynetdicom_store_scp(
     finally:
         server.shutdown()
         ae.shutdown()
+
+
+def send_raw_request(assoc: Any, primitive: Any) -> list[Any] | None:
+    """Send a DIMSE request ``primitive`` as it is — pynetdicom's ``send_c_*`` refuse the malformed values
+    a hostile SCU sends, so tests fill the primitive's private fields — over the first accepted context
+    of its SOP class; every response primitive up to the final one, or ``None`` when the peer aborted."""
+    sop_class = primitive.AffectedSOPClassUID
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class)
+    responses = []
+    assoc._reactor_checkpoint.clear()  # as pynetdicom's send_c_*: the replies come to us, not the reactor
+    try:
+        assoc.dimse.send_msg(primitive, context.context_id)
+        while True:
+            _, response = assoc.dimse.get_msg(block=True)
+            if response is None:
+                return None
+            responses.append(response)
+            if response.Status not in (0xFF00, 0xFF01):
+                return responses
+    finally:
+        assoc._reactor_checkpoint.set()

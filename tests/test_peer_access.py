@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 from conftest import NODE_AET, indexed_count, read_back, wait_until, write_config
-from peers import LOOPBACK, free_port, run_dcmtk, storescp
+from peers import LOOPBACK, free_port, run_dcmtk, send_raw_request, storescp
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_MOVE
@@ -117,17 +117,10 @@ def _pynetdicom_move(node, destination: bytes, study: str) -> int | None:
     request._move_destination = destination  # what a hostile or broken SCU puts on the wire
     request.Identifier = BytesIO(encode(identifier, True, True))
     try:
-        assoc._reactor_checkpoint.clear()
-        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
-        while True:
-            _, response = assoc.dimse.get_msg(block=True)
-            if response is None:  # aborted by the node
-                return None
-            if response.Status not in (0xFF00, 0xFF01):
-                return int(response.Status)
+        responses = send_raw_request(assoc, request)
     finally:
-        assoc._reactor_checkpoint.set()
         assoc.release()
+    return None if responses is None else int(responses[-1].Status)
 
 
 def test_allow_lists_only_known_services(tmp_path: Path):

@@ -16,6 +16,7 @@ from ..dcbs.dataset_split import parse_explicit_le
 from ..index.query import STATUS_UNABLE_TO_PROCESS, QueryError, parse_identifier, run_query
 from .access import operation_refusal
 from .context import NodeContext
+from .guard import MAX_FIND_IDENTIFIER, oversized_identifier
 
 _MODELS = {
     str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
@@ -79,6 +80,10 @@ def handle_find(event: Event, context: NodeContext) -> Iterator[tuple[int | Data
     refused = operation_refusal(event, context, "find")
     if refused is not None:
         yield refused, None
+        return
+    oversized = oversized_identifier(event.request, MAX_FIND_IDENTIFIER)
+    if oversized:
+        yield failure(STATUS_UNABLE_TO_PROCESS, oversized), None
         return
     try:
         query = parse_identifier(event.identifier, model, config.query,

@@ -58,6 +58,22 @@ def header_refusal(header: bytes, awaiting_request: bool, maximum_length: int) -
     return ""
 
 
+#: The largest C-FIND identifier accepted (encoded): query keys are short; a bigger one is an attack or a
+#: mistake, and its value lists would become thousands of SQL parameters.
+MAX_FIND_IDENTIFIER = 64 * 1024
+#: The largest C-MOVE/C-GET identifier: room for some 15,000 SOP Instance UIDs in one list, under the
+#: bound-parameter limits of SQLite (32,766) and PostgreSQL (65,535).
+MAX_RETRIEVE_IDENTIFIER = 1024 * 1024
+
+
+def oversized_identifier(request: Any, limit: int) -> str:
+    """An Error Comment when ``request``'s encoded identifier is longer than ``limit`` bytes, else ``""``.
+    Checked before the identifier is decoded."""
+    identifier = getattr(request, "Identifier", None)
+    size = identifier.getbuffer().nbytes if identifier is not None else 0
+    return f"Identifier too large ({size} bytes, at most {limit})" if size > limit else ""
+
+
 def io_deadline(assoc: Any) -> float | None:
     """The ``time.monotonic()`` by which a socket read or write starting now must be done, or ``None``.
 

@@ -95,8 +95,8 @@ class DestinationAttempt:
 
 @dataclass(frozen=True)
 class MoveRefused:
-    """A C-MOVE refused before any destination was looked at (the peer may not move, see
-    :mod:`.access`): its final response carries ``status`` instead of pynetdicom's A801."""
+    """A C-MOVE refused before any sub-association is opened (the peer may not move, see :mod:`.access`,
+    or its identifier is refused): its final response carries ``status`` instead of pynetdicom's A801."""
 
     message_id: int
     status: Dataset

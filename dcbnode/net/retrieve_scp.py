@@ -36,9 +36,10 @@ from pynetdicom.sop_class import (
 )
 
 from ..archive.retrieve import RetrieveError, RetrieveMatch, find_retrieve_matches
-from ..index.query import STATUS_IDENTIFIER_MISMATCH
+from ..index.query import STATUS_IDENTIFIER_MISMATCH, STATUS_UNABLE_TO_PROCESS
 from .access import operation_refusal
 from .context import NodeContext
+from .guard import MAX_RETRIEVE_IDENTIFIER, oversized_identifier
 from .move_destination import DestinationAttempt, MoveRefused
 from .transfer import accepted_storage_syntaxes, prepared_instances, storage_contexts
 
@@ -67,6 +68,9 @@ def _matches(event: Event, context: NodeContext) -> tuple[list[RetrieveMatch], D
     model = _MODELS.get(str(event.request.AffectedSOPClassUID))
     if model is None:
         return [], _status(STATUS_IDENTIFIER_MISMATCH, "Unsupported retrieve information model")
+    oversized = oversized_identifier(event.request, MAX_RETRIEVE_IDENTIFIER)
+    if oversized:
+        return [], _status(STATUS_UNABLE_TO_PROCESS, oversized)
     try:
         identifier = event.identifier
     except Exception:  # undecodable identifier
@@ -176,19 +180,19 @@ def handle_move(event: Event, context: NodeContext) -> Iterator[Any]:
         context.log.warning("C-MOVE to unknown destination %r refused (A801)", destination)
         yield None, None
         return
+    matches, failure = _matches(event, context)
+    if failure is not None:  # answered without associating with the destination at all
+        event.assoc.dcbnode_move_attempt = MoveRefused(int(event.request.MessageID), failure)
+        yield None, None
+        return
     # Read by move_destination.answer_unreachable when pynetdicom cannot establish the sub-association.
     attempt = event.assoc.dcbnode_move_attempt = DestinationAttempt(peer, int(event.request.MessageID))
-    matches, failure = _matches(event, context)
     receiver = _Receiver()
     contexts = storage_contexts(matches) or [build_context(Verification)]
     yield peer.host, peer.port, {"ae_title": peer.ae_title, "contexts": contexts,
                                  "evt_handlers": [(evt.EVT_ACCEPTED, receiver.accepted),
                                                   (evt.EVT_CONN_CLOSE, receiver.connection_closed),
                                                   *attempt.handlers]}
-    if failure is not None:
-        yield 1
-        yield failure, None
-        return
     yield len(matches)
     if not matches:
         return

@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from ...config import QueryConfig
+from ...dcbs import is_valid_uid
 from .keys import (
     DERIVED_COUNTS,
     DERIVED_LISTS,
@@ -124,6 +125,8 @@ def value_match(keyword: str, value: str) -> Match | None:
         parts = tuple(v.strip() for v in value.split("\\"))
         if vr == "UI" and any("*" in p or "?" in p for p in parts):
             raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"Wildcards are not allowed in {keyword}")
+        if vr == "UI" and not all(is_valid_uid(p) for p in parts):
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{keyword} is not a valid UID")
         if len(parts) > 1 or vr == "UI":
             return Match(keyword, "list", parts)
     if vr == "IS":
