@@ -19,7 +19,6 @@ lines tagged ``[main]``, ``[w1]``…, ``[compress]``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, load_config
+from ..lifetime import die_with_parent
 from ..net.slots import AssociationSlots
 
 log = logging.getLogger("dcbnode")
@@ -39,7 +39,8 @@ CHILD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 #: A child that dies sooner than this after its start is restarted only after :data:`_RESTART_PAUSE`.
 _QUICK_DEATH = 5.0
 _RESTART_PAUSE = 1.0
-_PR_SET_PDEATHSIG = 1
+#: Helper processes per worker that rebuild retrieved instances (dcbnode.net.rebuild_pool).
+_REBUILD_HELPERS = 1
 #: After the stop grace, how long the main process waits for its children before it kills them.
 _STOP_MARGIN = 10.0
 
@@ -78,7 +79,7 @@ class Supervisor:
         if pid == 0:  # the child: never returns into the main process's code
             status = 1
             try:
-                _die_with(os.getppid())
+                die_with_parent(os.getppid())
                 from ..net.logging_setup import configure_logging
 
                 configure_logging(self.config.node.log_level, child.name)
@@ -184,33 +185,28 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _die_with(parent: int) -> None:
-    """Have the kernel kill this child when the main process dies (even by SIGKILL): no orphan keeps
-    serving the port or writing the archive after a crash of the node."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the main process died before prctl took effect
-        os._exit(1)
-
-
 def _worker_body(number: int, config: Config, overrides: dict[str, object], listening: socket.socket,
                  slots: AssociationSlots) -> Callable[[], int]:
     def body() -> int:
         from ..archive import Archive
         from ..net.context import NodeContext
         from ..net.listener import AssociationLimit
+        from ..net.rebuild_pool import RebuildPool
         from ..net.server import Node
 
         node_cfg = config.node
         archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
                           duplicate_policy=node_cfg.duplicate_policy, compresses=False)
-        node = Node(NodeContext(config=config, archive=archive), AssociationLimit(slots, number))
+        rebuilds = RebuildPool(node_cfg.data_dir, node_cfg.resolved_database_url, processes=_REBUILD_HELPERS,
+                               log_level=node_cfg.log_level, name=f"w{number + 1}-rebuild")
+        node = Node(NodeContext(config=config, archive=archive, rebuilds=rebuilds), AssociationLimit(slots, number))
         try:
             node.start(listening)
             while signal.sigwait(CHILD_SIGNALS) == signal.SIGHUP:
                 _reload_worker(node, overrides)
         finally:
             node.stop(grace=node_cfg.dimse_timeout)
+            rebuilds.close()
             archive.close()
         return 0
 

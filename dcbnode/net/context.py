@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..archive import Archive
 from ..config import Config
+
+if TYPE_CHECKING:
+    from .rebuild_pool import RebuildPool
 
 
 @dataclass
@@ -20,6 +24,8 @@ class NodeContext:
     config: Config
     archive: Archive
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("dcbnode"))
+    #: helper processes that rebuild retrieved instances (None: the retrieve's own thread does)
+    rebuilds: RebuildPool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reload(self, fresh: Config) -> None:

@@ -98,7 +98,8 @@ def _sub_operations(event: Event, context: NodeContext, matches: Sequence[Retrie
                     accepted: dict[str, frozenset[str]], alive: Callable[[], bool]) -> Iterator[tuple[int, Any]]:
     """Pending results carrying each rebuilt instance; Cancel as soon as the SCU asks for it."""
     preference = context.config.retrieve.syntax_preference
-    for dataset in prepared_instances(context.archive, matches, accepted, alive=alive, preference=preference):
+    for dataset in prepared_instances(context.archive, matches, accepted, alive=alive, preference=preference,
+                                      rebuilds=context.rebuilds):
         if event.is_cancelled:
             context.log.info("retrieve cancelled by the SCU")
             yield CANCEL, None

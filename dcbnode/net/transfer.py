@@ -18,6 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
@@ -28,6 +29,9 @@ from ..config import DEFAULT_SYNTAX_PREFERENCE
 from ..dcbs import DcbsError, UnavailableSyntaxError, available_syntaxes, rebuild
 from ..dcbs.record import InstanceMeta
 from .wire import EncodedDataset
+
+if TYPE_CHECKING:
+    from .rebuild_pool import RebuildPool
 
 __all__ = ["LOCATION_BATCH", "MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax", "prepare",
            "prepared_instances", "storage_contexts"]
@@ -162,11 +166,13 @@ def _why_unavailable(meta: InstanceMeta, accepted: frozenset[str]) -> str:
 def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
                        accepted: Mapping[str, frozenset[str]], *, alive: Callable[[], bool] = lambda: True,
                        lookahead: int = 2,
-                       preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE) -> Iterator[EncodedDataset]:
+                       preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE,
+                       rebuilds: RebuildPool | None = None) -> Iterator[EncodedDataset]:
     """The instances rebuilt in order, ``lookahead`` of them ahead in a worker thread.
 
-    Rebuilding the next instance overlaps sending the current one (decoding releases the GIL); at most
-    ``lookahead + 1`` rebuilt instances are held.  Once ``alive()`` is false (the receiving association
+    Rebuilding the next instance overlaps sending the current one: in the helper processes of
+    ``rebuilds`` (outside this process's GIL), else in the worker thread (decoding releases the GIL); at
+    most ``lookahead + 1`` rebuilt instances are held.  Once ``alive()`` is false (the receiving association
     is gone) the remaining instances become placeholders without being read, and an instance rebuilt
     before is replaced by one: ``send_c_store`` fails a placeholder at once, before sending anything, so
     no sub-operation waits for a reply from a peer that has gone.
@@ -190,7 +196,12 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
             except Exception:  # the per-instance lookup in prepare reports the problem
                 log.debug("batched location lookup failed", exc_info=True)
             looked_up = position + len(batch)
-        return prepare(archive, match, accepted, locations.pop(match.sop_instance_uid, None), preference)
+        location = locations.pop(match.sop_instance_uid, None)
+        if rebuilds is not None:
+            rebuilt = rebuilds.rebuild(match, accepted, location, preference)
+            if rebuilt is not None:
+                return rebuilt
+        return prepare(archive, match, accepted, location, preference)
 
     if lookahead <= 0:
         yield from (one(position, match) for position, match in enumerate(matches))
