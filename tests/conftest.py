@@ -233,6 +233,15 @@ def read_back(data_dir: Path, database_url: str = "") -> Any:
     return Archive(data_dir, url)
 
 
+def compression_done(data_dir: Path, database_url: str = "") -> bool:
+    """No volume of the archive waits for deferred compression any more (the index says so)."""
+    archive = read_back(data_dir, database_url)
+    try:
+        return len(archive.pending) == 0
+    finally:
+        archive.close()
+
+
 def rebuilt_part10(archive: Any, sop_instance_uid: str) -> bytes:
     """The stored instance rebuilt in the syntax it was received in, as Part-10 bytes (Explicit VR Little
     Endian if it cannot be: a lossless re-encoding the encoder refuses)."""

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from conftest import indexed_count, read_back, rebuilt_part10, stop_node, wait_until
+from conftest import compression_done, indexed_count, read_back, rebuilt_part10, stop_node, wait_until
 from faithful import ct_series, element_differences, pixels_equal, read
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -90,14 +90,7 @@ def test_deferred_compression_interleaved_with_eight_associations(database_url, 
     node = running_node(max_associations=10, database_url=database_url, compression_delay=0.05)
     jobs = _send_interleaved(node, pause=0.15)
 
-    def compressed() -> bool:
-        archive = read_back(node.data_dir, database_url)
-        try:
-            return len(archive.pending) == 0
-        finally:
-            archive.close()
-
-    assert wait_until(compressed, timeout=60), node.log()[-3000:]
+    assert wait_until(lambda: compression_done(node.data_dir, database_url), timeout=60), node.log()[-3000:]
     assert stop_node(node) == 0
     assert node.log().count("compressed volumes/") >= 5, "compression did not interleave with the ingest"
     assert sorted(_live_counts(node.data_dir).values()) == [12, 12, 12, 12]  # one file per series

@@ -22,6 +22,7 @@ from conftest import (
     REPO,
     _postgres_database,
     child_pids,
+    compression_done,
     indexed_count,
     read_back,
     rebuilt_part10,
@@ -150,14 +151,7 @@ def test_eight_associations_over_four_workers_store_two_interleaved_series(datab
     assert sum(len(_acknowledged(output)) for output in outputs) == 64
     assert compactions and set(compactions) == {0}
 
-    def compressed() -> bool:
-        archive = read_back(node.data_dir, database_url)
-        try:
-            return len(archive.pending) == 0
-        finally:
-            archive.close()
-
-    assert wait_until(compressed, timeout=120), node.log()[-3000:]
+    assert wait_until(lambda: compression_done(node.data_dir, database_url), timeout=120), node.log()[-3000:]
     assert stop_node(node) == 0
     assert len(_workers_serving(node.log())) >= 2, node.log()[-3000:]
     assert "database is locked" not in node.log()
@@ -274,14 +268,7 @@ def test_two_nodes_on_one_postgresql_index_and_data_folder(postgres_url, running
             assert element_differences(expected, rebuilt) == [], k
             assert pixels_equal(ds, rebuilt), k
 
-    def compressed() -> bool:
-        archive = read_back(data_dir, postgres_url)
-        try:
-            return len(archive.pending) == 0
-        finally:
-            archive.close()
-
-    assert wait_until(compressed, timeout=120)
+    assert wait_until(lambda: compression_done(data_dir, postgres_url), timeout=120)
     verify = subprocess.run([sys.executable, "-m", "dcbnode.cli.admin", "--config", str(first.config_path), "--json",
                              "verify"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
