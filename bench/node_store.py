@@ -5,11 +5,12 @@ DCMTK ``storescu`` sends the CT series (``bench/ctseries.py``) over one associat
 
 Run: ``python bench/node_store.py [--count 300] [--repeats 3]``; writes ``bench/results/node_store.json``.
 
-``--concurrent 8 [--senders storescu|pynetdicom]`` instead sends the series to dcbnode alone over 8
-simultaneous associations (disjoint eighths of the series) and reports the aggregate rate and the node's
-memory: VmRSS once listening, sampled VmRSS during the ingest, and the peak VmHWM from
-``/proc/<pid>/status`` read just before the stop; every instance must end up in the index. Writes
-``bench/results/node_store_concurrent.json``.
+``--concurrent 8 [--senders storescu|pynetdicom] [--workers 1,2]`` instead sends the series to dcbnode
+alone over 8 simultaneous associations (disjoint eighths of the series), once per ``[node] workers``
+value given (side by side, round after round), and reports the aggregate rate and the memory of every
+process of the node (main, workers, compressor, rebuild helpers): VmRSS once listening, sampled VmRSS
+during the ingest, and each process's peak VmHWM from ``/proc/<pid>/status`` read just before the stop;
+every instance must end up in the index. Writes ``bench/results/node_store_concurrent.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import indexed_count, read_back, start_node, stop_node
+from conftest import child_pids, indexed_count, read_back, start_node, stop_node
 
 from bench._benchlib import Target, TargetFactory, machine_info, print_table, series_info, write_results
 from bench.ctseries import cached_ct_series
@@ -81,6 +82,23 @@ def proc_status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def node_processes(pid: int) -> list[int]:
+    """The node's main process and every process under it."""
+    tree = [pid]
+    for parent in tree:
+        tree += child_pids(parent)
+    return tree
+
+
+def tree_kib(pid: int, field: str) -> dict[int, int]:
+    """``field`` of every process of the node, by pid (processes that ended meanwhile left out)."""
+    values = {}
+    for member in node_processes(pid):
+        with contextlib.suppress(OSError, KeyError):
+            values[member] = proc_status_kib(member, field)
+    return values
+
+
 def _send_storescu(files: Sequence[Path], host: str, port: int, aet: str, index: int) -> str | None:
     result = run_storescu(files, host, port, aet, calling_aet=f"STORESCU{index}", extra_args=STORESCU_ARGS)
     return None if result.returncode == 0 else f"storescu {index} exit {result.returncode}: {result.stderr[-500:]}"
@@ -117,8 +135,8 @@ def measure_concurrent(files: Sequence[Path], associations: int = 8, senders: st
         node = start_node(Path(tmp), log_level="WARNING", max_associations=max(10, associations), **node_config)
         pid = node.process.pid
         try:
-            time.sleep(0.5)  # let the start-up settle (the wait-for-port probe, imports)
-            rss_idle = proc_status_kib(pid, "VmRSS")
+            time.sleep(2.0)  # let the start-up settle (the wait-for-port probe, the workers' imports)
+            rss_idle = sum(tree_kib(pid, "VmRSS").values())
             samples: list[int] = []
             errors: list[str] = []
             threads = [threading.Thread(target=lambda i=i: errors.append(send(parts[i], node.host, node.port,
@@ -128,11 +146,11 @@ def measure_concurrent(files: Sequence[Path], associations: int = 8, senders: st
             for thread in threads:
                 thread.start()
             while any(t.is_alive() for t in threads):
-                samples.append(proc_status_kib(pid, "VmRSS"))
+                samples.append(sum(tree_kib(pid, "VmRSS").values()))
                 time.sleep(0.1)
             elapsed = time.perf_counter() - started
-            peak = proc_status_kib(pid, "VmHWM")
-            rss_after = proc_status_kib(pid, "VmRSS")
+            peaks = sorted(tree_kib(pid, "VmHWM").values(), reverse=True)
+            rss_after = sum(tree_kib(pid, "VmRSS").values())
         finally:
             code = stop_node(node)
         failures = [e for e in errors if e]
@@ -147,10 +165,11 @@ def measure_concurrent(files: Sequence[Path], associations: int = 8, senders: st
             raise RuntimeError(f"{stored} instance(s) indexed, {len(files)} sent")
     mib = 1024.0
     return {
-        "associations": associations, "senders": senders, "instances": len(files), "seconds": elapsed,
-        "instances_per_s": len(files) / elapsed,
-        "rss_idle_mib": rss_idle / mib, "rss_median_during_mib": statistics.median(samples or [0]) / mib,
-        "rss_after_mib": rss_after / mib, "vmhwm_peak_mib": peak / mib,
+        "associations": associations, "senders": senders, "workers": node_config.get("workers"),
+        "instances": len(files), "seconds": elapsed, "instances_per_s": len(files) / elapsed,
+        "processes": len(peaks), "rss_idle_mib": rss_idle / mib,
+        "rss_median_during_mib": statistics.median(samples or [0]) / mib, "rss_after_mib": rss_after / mib,
+        "vmhwm_per_process_mib": [round(p / mib, 1) for p in peaks],
     }
 
 
@@ -162,15 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent", type=int, default=0, metavar="N",
                         help="dcbnode only: N simultaneous associations, report rate and peak RSS")
     parser.add_argument("--senders", choices=("storescu", "pynetdicom"), default="storescu")
+    parser.add_argument("--workers", default="", help="with --concurrent: comma list of [node] workers values")
     args = parser.parse_args(argv)
     files = cached_ct_series(args.count)
     info = series_info(files)
     if args.concurrent:
-        runs = [measure_concurrent(files, args.concurrent, args.senders) for _ in range(args.repeats)]
+        configs = [{"workers": int(w)} for w in args.workers.split(",") if w] or [{}]
+        runs = [measure_concurrent(files, args.concurrent, args.senders, **config)
+                for _ in range(args.repeats) for config in configs]
         for run in runs:
-            print(f"{run['associations']} × {run['senders']}: {run['instances_per_s']:.1f} instances/s; node RSS "
-                  f"idle {run['rss_idle_mib']:.0f} MiB, median during {run['rss_median_during_mib']:.0f} MiB, "
-                  f"after {run['rss_after_mib']:.0f} MiB, peak VmHWM {run['vmhwm_peak_mib']:.0f} MiB", flush=True)
+            print(f"{run['associations']} × {run['senders']}, workers {run['workers'] or 'default'}: "
+                  f"{run['instances_per_s']:.1f} instances/s; {run['processes']} processes, RSS total idle "
+                  f"{run['rss_idle_mib']:.0f} MiB, median during {run['rss_median_during_mib']:.0f} MiB, after "
+                  f"{run['rss_after_mib']:.0f} MiB; peak VmHWM per process "
+                  f"{', '.join(f'{p:.0f}' for p in run['vmhwm_per_process_mib'])} MiB", flush=True)
         payload = {"benchmark": "node_store_concurrent", "series": info, "machine": machine_info(), "results": runs}
         print(f"\nwrote {write_results('node_store_concurrent', payload)}")
         return 0
