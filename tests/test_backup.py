@@ -155,19 +155,26 @@ def test_restore_refuses_a_damaged_backup_and_changes_nothing(tmp_path: Path) ->
     assert not (tmp_path / "target-data" / "index.sqlite").exists()
 
 
-@pytest.mark.parametrize("case", ["not empty", "no manifest"])
+@pytest.mark.parametrize("case", ["destination not empty", "no manifest", "archive not empty"])
 def test_backup_and_restore_say_what_to_do(tmp_path: Path, case: str) -> None:
     config = make_config(tmp_path / "live", tmp_path / "data")
     admin(config, "init")
-    if case == "not empty":
-        (tmp_path / "backup").mkdir()
+    (tmp_path / "backup").mkdir()
+    if case == "destination not empty":
         (tmp_path / "backup" / "something").write_text("x")
         result = admin(config, "backup", tmp_path / "backup", check=1)
         assert "is not an empty folder: give a new folder" in result.stderr
-    else:
-        (tmp_path / "backup").mkdir()
+    elif case == "no manifest":
         result = admin(config, "restore", tmp_path / "backup", check=1)
         assert "not a complete dcbnode backup" in result.stderr
+    else:
+        (tmp_path / "backup").rmdir()
+        _series_folders(tmp_path / "series", series=1, instances=1)
+        admin(config, "import", tmp_path / "series")
+        admin(config, "backup", tmp_path / "backup")
+        result = admin(config, "restore", tmp_path / "backup", check=1)  # onto the archive it came from
+        assert "holds volumes already: restore into an empty data folder" in result.stderr
+        assert admin_json(config, "stats")["instances"] == 1
 
 
 def test_an_archive_of_the_previous_release_is_backed_up_restored_and_upgraded(tmp_path: Path) -> None:

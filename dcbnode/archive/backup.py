@@ -220,8 +220,10 @@ def restore(source: Path, data_dir: Path, database_url: str, *, progress: Progre
     count = index_dump.instance_count(database_url)
     if count:
         raise BackupError(f"the index {_redacted(database_url)} holds {count} instances already: restore into an "
-                          "empty index")
+                          "empty index (SQLite: remove the index file; PostgreSQL: drop and create the database)")
     data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob(".restore-*"):  # left by a restore that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     staging = data_dir / f".restore-{uuid.uuid4().hex}"
     try:
         done = 0

@@ -364,6 +364,9 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
                           progress=Progress("backup (bytes)", enabled=not args.json), pause=pause if hold else None)
     except (BackupError, IndexDumpError) as exc:
         return _failed(exc)
+    except OSError as exc:  # e.g. the destination's disk is full
+        return _failed(f"backup failed: {exc}. The incomplete folder {args.destination} has no manifest (restore "
+                       "refuses it): remove it, fix the cause (space, permissions, mount) and run the backup again")
     if args.json:
         emit_json({"destination": str(args.destination), "database": manifest.database, "created": manifest.created,
                    "schema_revision": manifest.schema_revision, "volumes": len(manifest.volumes),
@@ -404,7 +407,7 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _failed(exc: BaseException) -> int:
+def _failed(exc: BaseException | str) -> int:
     """Report a command that could not go on (the message says what to do); exit status 1."""
     print(f"{PROG}: error: {exc}", file=sys.stderr)
     return 1
