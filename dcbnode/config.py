@@ -42,6 +42,7 @@ __all__ = [
     "QueryConfig",
     "RetrieveConfig",
     "StorageConfig",
+    "TlsConfig",
     "load_config",
 ]
 
@@ -180,6 +181,8 @@ class PeerConfig:
     port: int
     #: The services this peer may ask for (``[peers.<AE>] allow``).
     allow: frozenset[str] = frozenset(PEER_SERVICES)
+    #: C-MOVE sub-associations to this peer use TLS (``[tls]``).
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,19 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The ``[tls]`` table: DICOM over TLS (PS3.15 B.1) on a second port; ``port = 0``: none."""
+
+    port: int = 0
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA certificates that client certificates (and C-MOVE destinations with ``tls = true``) are checked
+    #: against
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+
+@dataclass(frozen=True)
 class RetrieveConfig:
     """The ``[retrieve]`` table: how instances are sent (C-GET, C-MOVE)."""
 
@@ -217,6 +233,7 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     source: Path | None = None
 
     def with_peers_and_access_from(self, other: Config) -> Config:
@@ -276,6 +293,31 @@ def _int_between(low: int, high: int | None) -> _Validator:
 
 def _port(value: object, key: str) -> int:
     return _int_between(1, 65535)(value, key)
+
+
+def _file(value: object, key: str) -> Path:
+    """An existing file (certificates, keys); ``~`` expanded, relative to the working directory."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a file path string, got {_show(value)}")
+    path = Path(os.path.abspath(os.path.expanduser(value)))
+    if not path.is_file():
+        raise ConfigError(key, f"{path} is not a readable file; check the path")
+    return path
+
+
+def _check_tls(tls: TlsConfig, plain_port: int) -> None:
+    """The [tls] keys that only make sense together."""
+    if tls.port:
+        for key in ("certificate", "private_key"):
+            if getattr(tls, key) is None:
+                raise ConfigError(f"tls.{key}", f"missing; the TLS listener (tls.port = {tls.port}) needs it")
+        if tls.require_client_certificate and tls.ca_certificates is None:
+            raise ConfigError("tls.ca_certificates", "missing; client certificates are verified against it "
+                              "(or set require_client_certificate = false)")
+        if tls.port == plain_port:
+            raise ConfigError("tls.port", f"is node.port too ({plain_port}); use another port")
+    elif plain_port == 0:
+        raise ConfigError("node.port", "0 turns the plain listener off, but [tls] port is not set either")
 
 
 def _pdu_size(value: object, key: str) -> int:
@@ -402,7 +444,7 @@ def _ae_title_list(value: object, key: str) -> tuple[str, ...]:
 _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "ae_title": _ae_title,
     "bind": _host,
-    "port": _port,
+    "port": _int_between(0, 65535),  # 0: no plain listener (TLS only)
     "data_dir": _data_dir,
     "database_url": _database_url,
     "max_associations": _int_between(1, None),
@@ -432,7 +474,7 @@ def _services(value: object, key: str) -> frozenset[str]:
     return frozenset(value)
 
 
-_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port, "allow": _services}
+_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port, "allow": _services, "tls": _bool}
 _PEER_REQUIRED: Final = ("host", "port")
 _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
     "case_insensitive_names": _bool,
@@ -443,8 +485,15 @@ _STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "commitment_retry_interval": _timeout,
 }
 _RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference}
-_TABLES: Final = ("node", "access", "peers", "query", "storage", "retrieve")
-_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage] and [retrieve]"
+_TLS_SCHEMA: Final[Mapping[str, _Validator]] = {
+    "port": _int_between(0, 65535),
+    "certificate": _file,
+    "private_key": _file,
+    "ca_certificates": _file,
+    "require_client_certificate": _bool,
+}
+_TABLES: Final = ("node", "access", "peers", "query", "storage", "retrieve", "tls")
+_TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage], [retrieve] and [tls]"
 
 
 def _require_table(value: object, key: str, hint: str) -> dict[str, object]:
@@ -499,6 +548,8 @@ def _build_config(raw: dict[str, object], source: Path | None) -> Config:
     query = _section(raw, "query", _QUERY_SCHEMA)
     storage = _section(raw, "storage", _STORAGE_SCHEMA)
     retrieve = _section(raw, "retrieve", _RETRIEVE_SCHEMA)
+    tls = TlsConfig(**_section(raw, "tls", _TLS_SCHEMA))
+    _check_tls(tls, int(node.get("port", NodeConfig.port)))
     return Config(
         node=NodeConfig(**node),
         access=AccessConfig(**access),
@@ -506,6 +557,7 @@ def _build_config(raw: dict[str, object], source: Path | None) -> Config:
         query=QueryConfig(**query),
         storage=StorageConfig(**storage),
         retrieve=RetrieveConfig(**retrieve),
+        tls=tls,
         source=source,
     )
 

@@ -68,7 +68,7 @@ def start_node(tmp_path: Path, *, access: dict[str, Any] | None = None, name: st
     ``node`` keys go to ``[node]`` (defaults: loopback, a free port, ``tmp_path/name-data``); ``tables``
     are more tables, e.g. ``{"storage": {...}, "peers.STORESCP": {"host": ..., "port": ...}}``.
     """
-    port = port or free_port()
+    port = free_port() if port is None else port
     data_dir = data_dir or tmp_path / f"{name}-data"
     settings = {"ae_title": NODE_AET, "bind": LOOPBACK, "port": port, "data_dir": str(data_dir), **node}
     config_tables: dict[str, dict[str, Any]] = {"node": settings}
@@ -81,7 +81,8 @@ def start_node(tmp_path: Path, *, access: dict[str, Any] | None = None, name: st
         process = subprocess.Popen([sys.executable, "-m", "dcbnode.cli.node", "serve", "--config", str(config_path)],
                                    cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(LOOPBACK, port, 30.0, process)
+        # port 0: TLS only ([tls] port)
+        wait_for_port(LOOPBACK, port or int(config_tables["tls"]["port"]), 30.0, process)
     except (RuntimeError, TimeoutError) as exc:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

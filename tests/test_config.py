@@ -189,8 +189,8 @@ def test_data_dir_from_override_satisfies_requirement(tmp_path: Path) -> None:
 
 # (TOML line in [node], expected key, fragments of the message)
 NODE_ERRORS = [
-    ("port = 70000", "node.port", "must be an integer between 1 and 65535, got 70000"),
-    ("port = 0", "node.port", "between 1 and 65535, got 0"),
+    ("port = 70000", "node.port", "must be an integer between 0 and 65535, got 70000"),
+    ("port = 0", "node.port", "0 turns the plain listener off, but [tls] port is not set either"),
     ('port = "104"', "node.port", 'got "104"', "remove the quotes"),
     ("port = true", "node.port", "got true"),
     ("port = 104.0", "node.port", "got 104.0"),

@@ -49,15 +49,15 @@ from pydicom.dataset import Dataset
 from dcbnode.archive import Archive
 from dcbnode.config import load_config
 from dcbnode.net.context import NodeContext
-from dcbnode.net.listener import open_listener, start_listening
+from dcbnode.net.listener import Listeners
 from dcbnode.net.server import Node
 
 data = Path(sys.argv[1])
 config = load_config(None, {"node.data_dir": str(data), "node.port": int(sys.argv[2]), "node.bind": "127.0.0.1"})
 archive = Archive(data, config.node.resolved_database_url)
 node = Node(NodeContext(config=config, archive=archive))
-listening = open_listener("127.0.0.1", int(sys.argv[2]))
-start_listening(listening)
+listening = Listeners.open("127.0.0.1", int(sys.argv[2]), 0)
+listening.start()
 node.start(listening)
 ct = dcmread(get_testdata_file("CT_small.dcm", download=False))
 results = {}

@@ -11,7 +11,6 @@ import argparse
 import faulthandler
 import logging
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from .processes import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from ..archive import Archive
+    from ..net.listener import Listeners
 
 log = logging.getLogger("dcbnode")
 
@@ -141,7 +141,7 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     except ImportError as exc:  # e.g. a pynetdicom whose internals dcbnode's associations do not fit
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
-    from ..net.listener import open_listener
+    from ..net.listener import Listeners
 
     node_cfg = config.node
     log.info("starting %s on %s:%d, data %s, index %s", node_cfg.ae_title, node_cfg.bind, node_cfg.port,
@@ -170,10 +170,11 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
             return EXIT_FAILURE
         try:
             # Before recovery, which can take minutes: a taken port is reported now.
-            listening = open_listener(node_cfg.bind, node_cfg.port)
+            listening = Listeners.open(node_cfg.bind, node_cfg.port, config.tls.port)
         except OSError as exc:
             archive.close()
-            log.error("cannot listen on %s:%d: %s", node_cfg.bind, node_cfg.port, exc.strerror or exc)
+            log.error("cannot listen on %s port %d%s: %s", node_cfg.bind, node_cfg.port,
+                      f" or TLS port {config.tls.port}" if config.tls.port else "", exc.strerror or exc)
             return EXIT_FAILURE
         try:
             if not _recover(archive, signals):
@@ -243,22 +244,20 @@ def _recover(archive: Archive, signals: _Signals) -> bool:
     return True
 
 
-def _supervise(config: Config, overrides: dict[str, object], listening: socket.socket, signals: _Signals) -> int:
+def _supervise(config: Config, overrides: dict[str, object], listening: Listeners, signals: _Signals) -> int:
     """Listen, start the workers and the compressor, and supervise them until SIGTERM/SIGINT."""
-    from ..net.listener import start_listening
     from ..net.slots import AssociationSlots
     from .processes import Supervisor
 
     node_cfg = config.node
-    start_listening(listening)
+    listening.start()
     slots = AssociationSlots(node_cfg.max_associations, node_cfg.worker_count)
     supervisor = Supervisor(config, overrides, listening, slots)
     try:
         supervisor.start()
-        port = listening.getsockname()[1]
-        log.info("%s accepting associations on %s:%d (%d worker process(es), at most %d association(s) at once)",
-                 node_cfg.ae_title, node_cfg.bind, port, slots.workers, slots.limit)
-        service_notify.ready(f"accepting associations on port {port}")
+        log.info("%s accepting associations on %s %s (%d worker process(es), at most %d association(s) at once)",
+                 node_cfg.ae_title, node_cfg.bind, listening.describe(), slots.workers, slots.limit)
+        service_notify.ready(f"accepting associations on {listening.describe()}")
         while True:
             signum = signals.wait(min(supervisor.restart_due() or _POLL, _POLL))
             if signum in _STOP_SIGNALS:

@@ -22,14 +22,17 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import Config, ConfigError, load_config
 from ..lifetime import die_with_parent
 from ..net.slots import AssociationSlots
+
+if TYPE_CHECKING:
+    from ..net.listener import Listeners
 
 log = logging.getLogger("dcbnode")
 
@@ -57,7 +60,7 @@ class _Child:
 class Supervisor:
     """Starts, restarts and stops the node's children (in the main process)."""
 
-    def __init__(self, config: Config, overrides: dict[str, object], listening: socket.socket,
+    def __init__(self, config: Config, overrides: dict[str, object], listening: Listeners,
                  slots: AssociationSlots) -> None:
         self.config = config
         self.overrides = overrides
@@ -185,7 +188,7 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _worker_body(number: int, config: Config, overrides: dict[str, object], listening: socket.socket,
+def _worker_body(number: int, config: Config, overrides: dict[str, object], listening: Listeners,
                  slots: AssociationSlots) -> Callable[[], int]:
     def body() -> int:
         from ..archive import Archive

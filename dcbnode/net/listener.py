@@ -16,9 +16,10 @@ Every association counts against ``max_associations`` for the node as a whole (:
 beyond it is rejected with A-ASSOCIATE-RJ rejected-transient, service-provider (presentation),
 local-limit-exceeded, as pynetdicom rejects one beyond its own per-process limit.
 
-A later TLS listener or a pre-association timeout belongs here too: ``NodeServer.get_request`` is where
-pynetdicom wraps an accepted socket in TLS (its ``ssl_context``), and every connection passes through
-:meth:`NodeServer.process_request` before its association starts.
+**TLS** (``[tls]``, :mod:`.tls`) is a second listening socket (:class:`Listeners`), served the same way
+by a second :class:`NodeServer` in each worker; ``[node] port = 0`` leaves only that one.  The server
+wraps an accepted connection in TLS without the handshake, which the association's own thread does
+(:class:`~.provider.NodeSocket`), so a client that connects and says nothing holds up nobody.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
-from typing import Any
+from typing import Any, NamedTuple
 
 from pynetdicom import evt
 from pynetdicom.events import Event
@@ -34,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from .slots import AssociationSlots
 
-__all__ = ["AssociationLimit", "NodeServer", "open_listener", "start_listening"]
+__all__ = ["AssociationLimit", "Listeners", "NodeServer", "open_listener", "start_listening"]
 
 log = logging.getLogger("dcbnode.server")
 
@@ -62,6 +63,43 @@ def start_listening(listening: socket.socket) -> None:
     listening.setblocking(False)
 
 
+class Listeners(NamedTuple):
+    """The node's listening sockets: plain DICOM (``node.port``) and DICOM over TLS (``tls.port``), each
+    ``None`` when its port is 0."""
+
+    plain: socket.socket | None
+    tls: socket.socket | None
+
+    @classmethod
+    def open(cls, host: str, port: int, tls_port: int) -> Listeners:
+        """Bind both (``OSError`` if a port is taken)."""
+        plain = open_listener(host, port) if port else None
+        try:
+            return cls(plain, open_listener(host, tls_port) if tls_port else None)
+        except BaseException:
+            if plain is not None:
+                plain.close()
+            raise
+
+    def sockets(self) -> list[socket.socket]:
+        return [sock for sock in self if sock is not None]
+
+    def start(self) -> None:
+        """:func:`start_listening` on each."""
+        for sock in self.sockets():
+            start_listening(sock)
+
+    def close(self) -> None:
+        for sock in self.sockets():
+            sock.close()
+
+    def describe(self) -> str:
+        """``port 11112`` / ``port 11112, TLS port 2762`` / ``TLS port 2762``."""
+        parts = [f"port {self.plain.getsockname()[1]}"] if self.plain is not None else []
+        parts += [f"TLS port {self.tls.getsockname()[1]}"] if self.tls is not None else []
+        return ", ".join(parts)
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, accepting on a listening socket it was given (``listening``).
 
@@ -81,6 +119,13 @@ class NodeServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         """Listening already (:func:`start_listening`)."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; a TLS connection is wrapped without its handshake (see the module's docstring)."""
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
     def server_close(self) -> None:
         """Close this process's descriptor of the listening socket."""

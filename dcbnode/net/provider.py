@@ -34,6 +34,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import time
 import weakref
 from copy import deepcopy
@@ -84,6 +85,20 @@ class NodeSocket(AssociationSocket):
 
     #: Bytes :meth:`NodeDUL._read_pdu_data` read to check a PDU header, for the next :meth:`recv`.
     _unread = b""
+    _handshaken = False
+
+    def _handshake(self, connection: socket.socket, deadline: float | None) -> None:
+        """An accepted TLS connection's handshake (:mod:`.tls`): here, in the association's thread, by the
+        I/O deadline; ``OSError`` (``ssl.SSLError``) when it fails."""
+        if self._handshaken or not isinstance(connection, ssl.SSLSocket) or not connection.server_side:
+            return
+        connection.settimeout(remaining(deadline))
+        try:
+            connection.do_handshake()
+        except ssl.SSLError as exc:
+            _note(self.assoc, f"TLS handshake failed ({exc.reason or exc})")
+            raise
+        self._handshaken = True
 
     def unread(self, data: bytes) -> None:
         """Put ``data`` back in front of what :meth:`recv` returns next."""
@@ -101,6 +116,7 @@ class NodeSocket(AssociationSocket):
         self._unread = self._unread[nr_bytes:]
         deadline = io_deadline(self.assoc)
         try:
+            self._handshake(connection, deadline)
             while len(bytestream) < nr_bytes:
                 connection.settimeout(remaining(deadline))
                 bytes_read = connection.recv(min(nr_bytes - len(bytestream), _RECV_CHUNK))
@@ -121,6 +137,7 @@ class NodeSocket(AssociationSocket):
         deadline = io_deadline(self.assoc)
         view = memoryview(bytestream)
         try:
+            self._handshake(connection, deadline)
             while view:
                 connection.settimeout(remaining(deadline))
                 view = view[connection.send(view):]

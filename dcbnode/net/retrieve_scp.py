@@ -41,6 +41,7 @@ from .access import operation_refusal
 from .context import NodeContext
 from .guard import MAX_RETRIEVE_IDENTIFIER, oversized_identifier
 from .move_destination import DestinationAttempt, MoveRefused
+from .tls import client_tls_args
 from .transfer import accepted_storage_syntaxes, prepared_instances, storage_contexts
 
 __all__ = ["handle_get", "handle_move", "no_delay"]
@@ -193,7 +194,8 @@ def handle_move(event: Event, context: NodeContext) -> Iterator[Any]:
     yield peer.host, peer.port, {"ae_title": peer.ae_title, "contexts": contexts,
                                  "evt_handlers": [(evt.EVT_ACCEPTED, receiver.accepted),
                                                   (evt.EVT_CONN_CLOSE, receiver.connection_closed),
-                                                  *attempt.handlers]}
+                                                  *attempt.handlers],
+                                 "tls_args": client_tls_args(config.tls) if peer.tls else None}
     yield len(matches)
     if not matches:
         return

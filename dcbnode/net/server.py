@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from typing import Any
@@ -36,12 +35,13 @@ from .associations import ASSOCIATION_HANDLERS
 from .commitment_scp import CommitmentService
 from .context import NodeContext
 from .find_scp import handle_find, negotiate_extended
-from .listener import AssociationLimit, NodeServer
+from .listener import AssociationLimit, Listeners, NodeServer
 from .provider import NodeAE, NodeRequestHandler
 from .retrieve_scp import handle_get, handle_move
 from .slots import AssociationSlots
 from .sop_classes import UnknownStorageClasses, add_storage_contexts
 from .store_scp import InFlight, handle_store
+from .tls import server_context
 
 log = logging.getLogger("dcbnode.server")
 
@@ -98,7 +98,7 @@ class Node:
         self.ae = build_ae(context.config)
         self.commitments = CommitmentService(context)
         self.limit = limit or AssociationLimit(AssociationSlots(context.config.node.max_associations, 1), 0)
-        self._server: NodeServer | None = None
+        self._servers: list[NodeServer] = []
         self._handlers = self._bind_handlers()
 
     def _bind_handlers(self) -> list[tuple[Any, ...]]:
@@ -122,16 +122,20 @@ class Node:
     @property
     def port(self) -> int:
         """The bound TCP port (useful when configured as 0)."""
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        assert self._servers
+        return int(self._servers[0].server_address[1])
 
-    def start(self, listening: socket.socket) -> None:
-        """Start accepting associations from ``listening`` (:func:`~.listener.start_listening`) in a
+    def start(self, listening: Listeners) -> None:
+        """Start accepting associations from ``listening`` (:meth:`~.listener.Listeners.start`) in a
         background thread, and delivering storage commitment reports."""
-        host, port = listening.getsockname()[:2]
-        self._server = self.ae.make_server((host, port), evt_handlers=self._handlers, server_class=NodeServer,
-                                           request_handler=NodeRequestHandler, listening=listening)
-        threading.Thread(target=self._server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
+        tls = server_context(self.context.config.tls) if listening.tls is not None else None
+        for sock, ssl_context in ((listening.plain, None), (listening.tls, tls)):
+            if sock is None:
+                continue
+            server = self.ae.make_server(sock.getsockname()[:2], evt_handlers=self._handlers, server_class=NodeServer,
+                                         request_handler=NodeRequestHandler, listening=sock, ssl_context=ssl_context)
+            self._servers.append(server)
+            threading.Thread(target=server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
         self.commitments.start()
 
     def reload(self, fresh: Config) -> None:
@@ -145,15 +149,16 @@ class Node:
 
         Bounded: about ``grace`` + :data:`_CLOSE_TIMEOUT` seconds at worst, well under a second when idle.
         """
-        server = self._server
-        if server is None:
+        servers, self._servers = self._servers, []
+        if not servers:
             return
         # C-STOREs arriving from now on are refused with 0xA700 (the sender may retry), so the wait
         # below cannot be prolonged by new work.
         self.in_flight.close()
         # NodeServer.shutdown(): ends the accept loop and closes this process's listening descriptor.
         # Unlike AE.shutdown() it does not abort the associations in progress.
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
         if not self.commitments.stop(_CLOSE_TIMEOUT):
             log.warning("a storage commitment report was still being sent; it is sent again after the restart")
         busy = self.in_flight.count
@@ -161,7 +166,7 @@ class Node:
             log.info("waiting up to %.0f s for %d C-STORE(s) in progress", grace, busy)
             if not self.in_flight.wait_idle(grace):
                 log.warning("C-STOREs still running after %.0f s; aborting their associations", grace)
-        associations = server.active_associations
+        associations = [assoc for server in servers for assoc in server.active_associations]
         deadline = time.monotonic() + _CLOSE_TIMEOUT
         for assoc in associations:
             _end_connection(assoc)
@@ -174,7 +179,6 @@ class Node:
         # A handler that overran the grace may still be writing: give it the rest of the close time
         # before the caller closes the archive.
         self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
-        self._server = None
         log.info("stopped accepting associations (%d connection(s) ended)", len(associations))
 
 
