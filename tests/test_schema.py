@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -149,8 +150,8 @@ def test_an_index_upgraded_by_a_newer_dcbnode_is_refused(database_url: str, tmp_
     refused = _serve_once(tmp_path, data_dir, database_url=url)
     assert refused.returncode == 2
     assert "revision 9999" in refused.stderr and "a newer dcbnode upgraded it" in refused.stderr
-    for command in ("upgrade", "stats"):
-        assert "a newer dcbnode upgraded it" in admin(config, command, check=2).stderr
+    for name in ("upgrade", "stats"):
+        assert "a newer dcbnode upgraded it" in admin(config, name, check=2).stderr
 
 
 def test_upgrade_without_an_index_says_so(tmp_path: Path) -> None:
@@ -178,3 +179,22 @@ def test_a_node_that_created_its_index_keeps_its_sqlite_locks(running_node) -> N
     assert connection.execute("SELECT count(*) FROM instances").fetchone() == (2,)
     connection.close()
     assert wal.exists(), "another process deleted the WAL of the running node"
+
+
+def test_an_index_at_an_older_revision_is_refused_then_upgraded(database_url: str, tmp_path: Path) -> None:
+    """The step every later release takes: an index one revision behind (written by the release before)."""
+    oldest_first = [script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()][::-1]
+    assert len(oldest_first) >= 2, "needs two revisions"
+    (tmp_path / "data").mkdir()
+    url = database_url or f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), oldest_first[-2])
+    engine.dispose()
+    config = make_config(tmp_path, tmp_path / "data", database_url=url)
+    refused = admin(config, "stats", check=2).stderr
+    assert f"schema revision {oldest_first[-2]}" in refused and "dcbnode-admin upgrade" in refused
+    result = admin_json(config, "upgrade")
+    assert result["before"] == f"revision {oldest_first[-2]}" and result["applied"] == oldest_first[-1:]
+    assert _schema_differences(url) == []
+    admin(config, "import", get_testdata_file("CT_small.dcm", download=False))
