@@ -26,7 +26,6 @@ from conftest import (
 )
 from peers import LOOPBACK, free_port
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -47,14 +46,6 @@ def _ct(**changes: object) -> pydicom.Dataset:
     return ds
 
 
-def _garbage_jpeg() -> pydicom.Dataset:
-    ds = pydicom.dcmread(TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm")
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0 this is not a JPEG codestream " * 4])
-    return ds
-
-
 def _short_pixels() -> pydicom.Dataset:
     ds = _ct()
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
@@ -65,7 +56,6 @@ BAD_DATASETS = {
     "missing series uid": (lambda: _ct(SeriesInstanceUID=None), 0xA900),
     "invalid uid": (lambda: _ct(StudyInstanceUID="1.2.abc"), 0xA900),
     "short pixel data": (_short_pixels, 0xA900),
-    "garbage compressed frame": (_garbage_jpeg, 0xCD02),
 }
 
 
@@ -100,7 +90,8 @@ def test_bad_datasets_fail_and_store_nothing(node, tmp_path, monkeypatch):
     assert indexed_count(archive) == count
     assert volumes_size(node.data_dir) == size
     archive.close()
-    assert "status 0xA900" in node.log() and "status 0xCD02" in node.log()
+    assert "status 0xA900" in node.log()
+    # (A compressed frame no decoder reads is not refused but taken as sent: tests/test_taken_as_sent.py.)
 
 
 def _associate(node, calling: str, called: str):
