@@ -159,7 +159,7 @@ class NodeConfig:
 
 
 #: What ``[peers.<AE>] allow`` may list: the DIMSE services a peer may ask the node for.
-PEER_SERVICES: Final[tuple[str, ...]] = ("echo", "store", "find", "move", "get")
+PEER_SERVICES: Final[tuple[str, ...]] = ("echo", "store", "find", "move", "get", "commit")
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,9 @@ def _modality_scp(port: int) -> Iterator[tuple[Reports, threading.Event]]:
         server.shutdown()
 
 
-def _start(running_node: Any, port: int, **kwargs: Any) -> RunningNode:
-    return running_node(tables={"peers." + MODALITY: {"host": LOOPBACK, "port": port},
-                                "storage": {"commitment_retry_interval": 0.5}}, **kwargs)
+def _start(running_node: Any, port: int, allow: tuple[str, ...] | None = None, **kwargs: Any) -> RunningNode:
+    peer: dict[str, Any] = {"host": LOOPBACK, "port": port, **({} if allow is None else {"allow": list(allow)})}
+    return running_node(tables={"peers." + MODALITY: peer, "storage": {"commitment_retry_interval": 0.5}}, **kwargs)
 
 
 def _uids(sequence: Any) -> list[str]:
@@ -182,10 +182,12 @@ def test_pending_request_answered_after_a_restart(running_node, database_url) ->
     ("STRANGER", {}, 0x0110, "not in the node's [peers]"),
     (MODALITY, {"TransactionUID": None}, 0x0120, "Transaction UID"),
     (MODALITY, {"ReferencedSOPSequence": None}, 0x0120, "Referenced SOP Sequence"),
+    (MODALITY, {"allow": ("store",)}, 0x0124, "not allowed to commit"),
 ])
 def test_requests_refused(running_node, calling: str, request_changes: dict[str, Any], code: int,
                           comment: str) -> None:
-    node = _start(running_node, free_port())
+    allow = request_changes.pop("allow", None)
+    node = _start(running_node, free_port(), allow)
     request = _request([("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
     for keyword in request_changes:
         delattr(request, keyword)
@@ -193,6 +195,8 @@ def test_requests_refused(running_node, calling: str, request_changes: dict[str,
     assert status.Status == code and comment in status.ErrorComment
     assert reports == []
     assert wait_until(lambda: "storage commitment request from " + calling + " refused" in node.log()), node.log()
+    if allow is not None:
+        assert "commit refused: MODALITY@" in node.log()
 
 
 def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: str, tmp_path: Path) -> None:

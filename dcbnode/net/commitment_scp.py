@@ -34,6 +34,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPu
 
 from ..archive.commitment import CommitmentQueue, CommitmentResult, PendingCommitment, Reference, assess
 from ..dcbs import is_valid_uid
+from .access import operation_refusal
 from .context import NodeContext
 from .store_scp import status
 
@@ -121,6 +122,9 @@ class CommitmentService:
         return outcome, None
 
     def _accept(self, event: Event, calling: str) -> Dataset | int:
+        refused = operation_refusal(event, self.context, "commit")
+        if refused is not None:
+            return refused
         request = event.request
         if str(request.RequestedSOPInstanceUID) != StorageCommitmentPushModelInstance:
             return status(_NO_SUCH_INSTANCE, "Requested SOP Instance is not 1.2.840.10008.1.20.1.1")
