@@ -463,7 +463,8 @@ def test_move_to_a_destination_that_rejects_the_association(node: Node) -> None:
     finally:
         server.shutdown()
     assert [r.Status for r in responses] == [0xC801]
-    assert responses[0].ErrorComment.startswith(f"REJECTER@{LOOPBACK}:{node.ports['REJECTER']} rejected")
+    # 65 characters with the port: the peer and the reason fit without it
+    assert responses[0].ErrorComment == f"REJECTER@{LOOPBACK} rejected: called-AE-title-not-recognized"
     assert "reason 7 called-AE-title-not-recognized" in _unreachable_line(node, "REJECTER")
 
 
@@ -471,6 +472,8 @@ def test_move_to_a_destination_that_accepts_no_context(node: Node) -> None:
     with pynetdicom_scp("NOCONTEXT", node.ports["NOCONTEXT"], [JPEGBaseline8Bit]):  # never what CT_small has
         responses = _move(node, "NOCONTEXT", _image_identifier([node.originals["CT_small.dcm"].SOPInstanceUID]))
     assert [r.Status for r in responses] == [0xC801]
+    comment = f"NOCONTEXT@{LOOPBACK}:{node.ports['NOCONTEXT']} accepted no presentation context"
+    assert responses[0].ErrorComment == comment
     assert "accepted none of the" in _unreachable_line(node, "NOCONTEXT")
     _assert_still_serving(node)
 

@@ -105,7 +105,13 @@ def reject_codes(primitive: object) -> str:
     """An A-ASSOCIATE-RJ's result, source and reason, with their PS3.8 names."""
     result, source, reason = (getattr(primitive, name, None) for name in ("result", "result_source", "diagnostic"))
     return (f"result {result} {_RJ_RESULTS.get(result, '?')}, source {source} {_RJ_SOURCES.get(source, '?')}, "
-            f"reason {reason} {_RJ_REASONS.get(source, {}).get(reason, '?')}")
+            f"reason {reason} {reject_reason_name(primitive)}")
+
+
+def reject_reason_name(primitive: object) -> str:
+    """The PS3.8 name of an A-ASSOCIATE-RJ's reason, e.g. ``called-AE-title-not-recognized``."""
+    return _RJ_REASONS.get(getattr(primitive, "result_source", None), {}).get(
+        getattr(primitive, "diagnostic", None), "?")
 
 
 def _on_aborted(event: Event) -> None:

@@ -29,7 +29,7 @@ from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.events import Event
 
 from ..config import PeerConfig
-from .associations import reject_codes
+from .associations import reject_codes, reject_reason_name
 
 __all__ = ["DESTINATION_UNREACHABLE", "DestinationAttempt", "MoveRefused", "answer_unreachable"]
 
@@ -39,6 +39,7 @@ log = logging.getLogger("dcbnode.retrieve")
 #: move destination could not be reached"; the Error Comment says which peer and why.
 DESTINATION_UNREACHABLE = 0xC801
 UNKNOWN_DESTINATION = 0xA801
+_COMMENT_LENGTH = 64  #: Error Comment is LO
 #: Seconds the diagnostic connect may take (only after pynetdicom's own connect failed).
 _DIAGNOSTIC_TIMEOUT = 5.0
 
@@ -50,7 +51,8 @@ class DestinationAttempt:
         self.peer = peer
         self.message_id = message_id
         self.connected = False
-        self.outcome = ""
+        self.outcome = ""  #: why, in full (the log line)
+        self.brief = ""  #: the same in a few words (the 64-character Error Comment)
 
     @property
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -62,7 +64,9 @@ class DestinationAttempt:
         self.connected = True
 
     def _rejected(self, event: Event) -> None:
-        self.outcome = f"rejected the association (A-ASSOCIATE-RJ {reject_codes(event.assoc.acceptor.primitive)})"
+        sent = event.assoc.acceptor.primitive
+        self.outcome = f"rejected the association (A-ASSOCIATE-RJ {reject_codes(sent)})"
+        self.brief = f"rejected: {reject_reason_name(sent)}"
 
     def _aborted(self, event: Event) -> None:
         assoc = event.assoc
@@ -72,13 +76,18 @@ class DestinationAttempt:
         if not assoc.accepted_contexts and refused:
             classes = ", ".join(sorted({str(context.abstract_syntax) for context in refused}))
             self.outcome = f"accepted none of the {len(refused)} presentation contexts proposed (SOP classes {classes})"
+            self.brief = "accepted no presentation context"
         else:
             self.outcome = "aborted the association request, or did not answer it within node.acse_timeout"
+            self.brief = "aborted or did not answer"
 
     def reason(self) -> str:
-        """Why the destination could not be reached, in a few words."""
-        if self.outcome:
-            return self.outcome
+        """Why the destination could not be reached (then also in :attr:`brief`)."""
+        if not self.outcome:
+            self.outcome = self.brief = self._connection_failure()
+        return self.outcome
+
+    def _connection_failure(self) -> str:
         if self.connected:
             return "closed the connection during association negotiation"
         try:
@@ -86,6 +95,15 @@ class DestinationAttempt:
                 return "could not connect (it accepted a connection a moment later: retry)"
         except OSError as exc:
             return f"could not connect: {exc.strerror or exc}"
+
+    def comment(self) -> str:
+        """The Error Comment (LO, 64 characters): the peer and :attr:`brief`, the port or host left out
+        when the whole does not fit (the log line has everything)."""
+        peer = self.peer
+        for who in (self.address, f"{peer.ae_title}@{peer.host}", peer.ae_title):
+            if len(who) + 1 + len(self.brief) <= _COMMENT_LENGTH:
+                break
+        return f"{who} {self.brief}"[:_COMMENT_LENGTH]
 
     @property
     def address(self) -> str:
@@ -121,4 +139,4 @@ def answer_unreachable(assoc: Any, primitive: Any) -> None:
     log.warning("C-MOVE destination %s could not be reached: %s; answering 0x%04X",
                 attempt.address, reason, DESTINATION_UNREACHABLE)
     primitive.Status = DESTINATION_UNREACHABLE
-    primitive.ErrorComment = f"{attempt.address} {reason}"[:64]
+    primitive.ErrorComment = attempt.comment()
