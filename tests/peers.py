@@ -450,3 +450,31 @@ def send_raw_request(assoc: Any, primitive: Any) -> list[Any] | None:
                 return responses
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def associate_rq_bytes(*contexts: tuple[str, str], roles: tuple[str, ...] = (), called_aet: str = "DCBNODE") -> bytes:
+    """A valid A-ASSOCIATE-RQ to the node for ``contexts`` ((abstract syntax, transfer syntax); default:
+    Verification), asking for the SCP role for the SOP classes in ``roles``."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import build_context, build_role
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.sop_class import Verification
+    from pynetdicom.transport import AddressInformation
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAWPEER"
+    primitive.called_ae_title = called_aet
+    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 1)
+    primitive.called_presentation_address = AddressInformation("127.0.0.1", 2)
+    requested = []
+    for number, (abstract, syntax) in enumerate(contexts or [(Verification, ImplicitVRLittleEndian)]):
+        context = build_context(abstract, syntax)
+        context.context_id = 2 * number + 1
+        requested.append(context)
+    primitive.presentation_context_definition_list = requested
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    primitive.user_information = [length] + [build_role(uid, scp_role=True) for uid in roles]
+    return bytes(A_ASSOCIATE_RQ(primitive).encode())

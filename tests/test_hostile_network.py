@@ -20,17 +20,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import NODE_AET, scu_store, wait_until
-from peers import run_dcmtk
+from peers import associate_rq_bytes, run_dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_context, build_role
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_GET_RQ
 from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
-from pynetdicom.transport import AddressInformation
 
 _4_GIB_ASSOCIATE_RQ = struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF)
 #: echoscu's own timeouts (connect, A-ASSOCIATE-AC, C-ECHO-RSP), in seconds.  On an idle 2-core machine
@@ -123,27 +121,6 @@ def test_silent_and_garbage_connections_are_closed(running_node):
     assert ok, output
 
 
-def _associate_rq_bytes(*contexts: tuple[str, str], roles: tuple[str, ...] = ()) -> bytes:
-    """A valid A-ASSOCIATE-RQ to the node for ``contexts`` ((abstract syntax, transfer syntax); default:
-    Verification), asking for the SCP role for the SOP classes in ``roles``."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWPEER"
-    primitive.called_ae_title = NODE_AET
-    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 1)
-    primitive.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    requested = []
-    for number, (abstract, syntax) in enumerate(contexts or [(Verification, ImplicitVRLittleEndian)]):
-        context = build_context(abstract, syntax)
-        context.context_id = 2 * number + 1
-        requested.append(context)
-    primitive.presentation_context_definition_list = requested
-    length = MaximumLengthNotification()
-    length.maximum_length_received = 16384
-    primitive.user_information = [length] + [build_role(uid, scp_role=True) for uid in roles]
-    return bytes(A_ASSOCIATE_RQ(primitive).encode())
-
-
 def _trickle(sock: socket.socket, data: bytes, per_byte: float, limit: float) -> bool:
     """Send ``data`` one byte every ``per_byte`` s; True when the node closed the connection within
     ``limit`` s (a send fails or EOF is readable)."""
@@ -165,7 +142,7 @@ def _trickle(sock: socket.socket, data: bytes, per_byte: float, limit: float) ->
 
 def test_a_trickled_association_request_is_dropped(running_node):
     node = running_node(association_request_timeout=1)
-    request = _associate_rq_bytes()
+    request = associate_rq_bytes()
     with closing(socket.create_connection((node.host, node.port))) as sock:
         # The whole request would take minutes at 0.2 s a byte; the node closes it after about 1 s.
         assert _trickle(sock, request, 0.2, 20)
@@ -180,7 +157,7 @@ def _established_socket(node, *contexts: tuple[str, str], roles: tuple[str, ...]
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.settimeout(10)
     sock.connect((node.host, node.port))
-    sock.sendall(_associate_rq_bytes(*contexts, roles=roles))
+    sock.sendall(associate_rq_bytes(*contexts, roles=roles))
     header = _read_exactly(sock, 6)
     assert header[:1] == b"\x02", f"A-ASSOCIATE-AC expected, got {header!r}"
     _read_exactly(sock, struct.unpack(">L", header[2:])[0])

@@ -28,6 +28,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import VR
 
 from .errors import InvalidDatasetError
 from .transcode import (
@@ -103,7 +104,7 @@ def split_dataset(data: bytes | memoryview, *, transfer_syntax: str | None = Non
         raise InvalidDatasetError(f"cannot parse the dataset: {exc}") from exc
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = syntax
-    if problem := truncation(dataset, len(body)):
+    if problem := truncation(dataset, len(body)) or unknown_vr(dataset):
         raise InvalidDatasetError(problem)
     pixel_tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
     pixel_element = dataset.get_item(pixel_tag) if pixel_tag is not None else None
@@ -115,6 +116,20 @@ def split_dataset(data: bytes | memoryview, *, transfer_syntax: str | None = Non
         header, suffix = _transcoded(body, encoding, pixel_tag)
     return SplitDataset(dataset, syntax, file_meta, header, suffix, _spans(header),
                         pixel_element, len(data) - meta_end, encoding)
+
+
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
+def unknown_vr(dataset: Dataset) -> str | None:
+    """Why ``dataset`` is not DICOM when a top-level element of an explicit VR stream carries a VR that
+    PS3.5 does not define (its length, and every element after it, would be read wrongly), else
+    ``None``.  Reads the elements as parsed, without converting them (found by tests/test_fuzz.py)."""
+    for element in dataset.elements():
+        vr = element.VR
+        if vr is not None and vr not in _KNOWN_VRS:
+            return f"element {BaseTag(element.tag)} has no valid value representation"
+    return None
 
 
 def _meta_transfer_syntax(file_meta: bytes) -> str | None:

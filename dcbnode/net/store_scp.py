@@ -16,6 +16,7 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.events import Event
+from sqlalchemy.exc import DBAPIError
 
 from ..archive import DuplicateInstanceError, StoreOutcome
 from ..dcbs import (
@@ -161,6 +162,10 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
         log.exception("I/O error while storing %s", requested_uid)
         # strerror is the C library's text for a person ("Permission denied"); str(exc) is Python's.
         return status(INTERNAL_ERROR, f"archive I/O error: {exc.strerror}" if exc.strerror else _SEE_LOG)
+    except DBAPIError as exc:  # the index database is unreachable, restarting, locked: nothing was kept
+        log.error("index database unavailable while storing %s: %s", requested_uid,
+                  " ".join(str(exc.orig).split()) or type(exc.orig).__name__)
+        return status(OUT_OF_RESOURCES, "index database unavailable; retry later")
     except Exception:
         log.exception("unexpected error while storing %s", requested_uid)
         return status(INTERNAL_ERROR, _SEE_LOG)

@@ -1,0 +1,142 @@
+"""Bad bytes: hypothesis mutates valid PDUs and C-STORE data sets and sends them to a real node.
+
+Whatever arrives, the node keeps running and answering; every C-STORE gets a DICOM status (no abort,
+no hang); what is acknowledged with Success reads back as a well-formed data set; a length field
+claiming 4 GiB never makes the node allocate it.  Bounded for CI (a few hundred cases, well under a
+minute); ``bench/fuzz.py`` runs the same properties for longer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from io import BytesIO
+
+import pydicom
+import pytest
+from conftest import NODE_AET, RunningNode, read_back, rebuilt_part10, start_node, stop_node
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peers import associate_rq_bytes, send_raw_request
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+#: Cases per property; ``DCBNODE_FUZZ_EXAMPLES`` raises it (bench/fuzz.py).
+EXAMPLES = int(os.environ.get("DCBNODE_FUZZ_EXAMPLES", "30"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("DCBNODE_FUZZ_EXAMPLES"),
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_VALID_STATUS = range(0x0000, 0x10000)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> Iterator[RunningNode]:
+    started = start_node(tmp_path_factory.mktemp("fuzz"), association_request_timeout=1, network_timeout=2,
+                         dimse_timeout=5, max_associations=20)
+    yield started
+    assert started.process.poll() is None, f"the node died\n{started.log()[-3000:]}"
+    assert stop_node(started) == 0
+
+
+def _alive(node: RunningNode) -> None:
+    """The node still runs and associates."""
+    assert node.process.poll() is None, node.log()[-3000:]
+    ae = AE(ae_title="FUZZCHECK")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET)
+    assert assoc.is_established, node.log()[-3000:]
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def _mutated(data: bytes, draw) -> bytes:
+    """``data`` with a few byte flips, 32-bit length fields overwritten, a cut or appended garbage."""
+    buffer = bytearray(data)
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["flip", "length", "cut", "append"]))
+        if not buffer:
+            break
+        at = draw(st.integers(0, len(buffer) - 1))
+        if kind == "flip":
+            buffer[at] = draw(st.integers(0, 255))
+        elif kind == "length" and at + 4 <= len(buffer):
+            buffer[at:at + 4] = struct.pack("<L" if draw(st.booleans()) else ">L",
+                                            draw(st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFE, 0xFFFFFFFF])))
+        elif kind == "cut":
+            del buffer[max(at, 1):]  # an empty data set is the sender's mistake, never sent
+        else:
+            buffer[at:at] = draw(st.binary(min_size=1, max_size=64))
+    return bytes(buffer)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_pdus_never_take_the_node_down(node: RunningNode, data) -> None:
+    request = associate_rq_bytes()
+    payload = _mutated(request, data.draw)
+    pieces = data.draw(st.integers(1, 4))
+    with socket.create_connection((node.host, node.port), timeout=3) as sock:
+        step = max(1, len(payload) // pieces)
+        try:
+            for start in range(0, len(payload), step):
+                sock.sendall(payload[start:start + step])
+            sock.recv(65536)  # A-ASSOCIATE-AC/RJ, A-ABORT, or the close
+        except OSError:  # reset, or nothing within 3 s
+            pass
+
+
+def _ct_bytes() -> tuple[bytes, pydicom.Dataset]:
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    return encode(dataset, False, True), dataset
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_data_sets_get_a_status_and_only_well_formed_ones_are_stored(node: RunningNode, data) -> None:
+    encoded, dataset = _ct_bytes()
+    uid = generate_uid()
+    # The same data set with a fresh SOP Instance UID (same length: the mutation offsets stay meaningful).
+    encoded = encoded.replace(dataset.SOPInstanceUID.encode(), uid[:len(dataset.SOPInstanceUID)].encode().ljust(
+        len(dataset.SOPInstanceUID), b"1"))
+    uid = uid[:len(dataset.SOPInstanceUID)].ljust(len(dataset.SOPInstanceUID), "1")
+    payload = _mutated(encoded, data.draw)
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = uid
+    request.Priority = 2
+    request.DataSet = BytesIO(payload)
+    try:
+        responses = send_raw_request(assoc, request)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert responses is not None, f"no C-STORE response\n{node.log()[-2000:]}"
+    status = int(responses[-1].Status)
+    assert status in _VALID_STATUS
+    if status == 0x0000:
+        _STORED.append(uid)
+
+
+_STORED: list[str] = []
+
+
+def test_what_was_stored_reads_back_and_the_node_is_alive(node: RunningNode) -> None:
+    """Runs after the properties (file order): every Success reads back as a complete data set."""
+    _alive(node)
+    archive = read_back(node.data_dir)
+    try:
+        for uid in _STORED:
+            pydicom.dcmread(BytesIO(rebuilt_part10(archive, uid))).walk(lambda *_: None)
+    finally:
+        archive.close()
+    print(f"fuzz: {EXAMPLES} PDU and {EXAMPLES} data set cases, {len(_STORED)} mutated data sets stored")

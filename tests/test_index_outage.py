@@ -1,0 +1,82 @@
+"""Nothing lost when the index database goes away: PostgreSQL connections cut under load (every backend of
+the node's database terminated, again and again, while C-STOREs arrive): each C-STORE is answered Success
+only once indexed, otherwise A700 (the sender retries); the node recovers by itself, without a restart.
+
+The test database is the node's own (a fresh one per test), so only its connections are cut; the shared
+PostgreSQL cluster is never restarted."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from conftest import POSTGRES_ENV, _postgres_database, indexed_count, read_back, scu_store
+from pydicom.uid import generate_uid
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+from test_hostile_identifiers import _ct
+
+
+@pytest.fixture
+def postgres_url():
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL outage test")
+    yield from _postgres_database(base)
+
+
+def _cut_connections(admin, database: str) -> int:
+    with admin.connect() as conn:
+        return len(conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).all())
+
+
+def test_postgresql_connections_cut_under_load(running_node, postgres_url):
+    node = running_node(database_url=postgres_url)
+    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    outcomes: dict[str, int] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            while not stop.is_set():
+                datasets = [_ct(SOPInstanceUID=generate_uid()) for _ in range(5)]
+                for dataset, status in zip(datasets, scu_store(node, datasets), strict=True):
+                    outcomes[dataset.SOPInstanceUID] = int(status.Status)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    senders = [threading.Thread(target=send) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        cut = 0
+        for _ in range(8):
+            time.sleep(0.3)
+            cut += _cut_connections(admin, make_url(postgres_url).database)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(60)
+        admin.dispose()
+    assert not errors, errors
+    assert cut > 0
+    assert set(outcomes.values()) <= {0x0000, 0xA700}, {hex(s) for s in outcomes.values()}
+    # The node recovered by itself: a store now succeeds.
+    after = _ct()
+    assert [s.Status for s in scu_store(node, [after])] == [0]
+    archive = read_back(node.data_dir, postgres_url)
+    try:
+        acknowledged = [uid for uid, status in outcomes.items() if status == 0]
+        for uid in [*acknowledged, after.SOPInstanceUID]:  # never Success without the index
+            with archive.open_instance(uid):
+                pass
+        assert indexed_count(archive) >= len(acknowledged) + 1
+    finally:
+        archive.close()
+    print(f"{cut} connections cut, {len(outcomes)} C-STOREs: "
+          f"{sum(1 for s in outcomes.values() if s == 0)} Success, {sum(1 for s in outcomes.values() if s)} A700")
