@@ -23,12 +23,16 @@ from conftest import NODE_AET, scu_store, wait_until
 from peers import associate_rq_bytes, run_dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_messages import C_GET_RQ
 from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
 
 _4_GIB_ASSOCIATE_RQ = struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF)
 #: echoscu's own timeouts (connect, A-ASSOCIATE-AC, C-ECHO-RSP), in seconds.  On an idle 2-core machine
@@ -280,3 +284,82 @@ def test_association_request_timeout_must_be_positive(tmp_path, key):
         load_config(path)
     path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n{key} = 2.5\n')
     assert load_config(path).node.association_request_timeout == 2.5
+
+
+def _busy_association(node, index: int, errors: list[str]) -> None:
+    """Store two instances of a study of its own, find it, get it back; any failure goes to ``errors``."""
+    try:
+        _store_find_get(node, index, errors)
+    except Exception as exc:
+        errors.append(f"{index}: {exc!r}")
+
+
+def _store_find_get(node, index: int, errors: list[str]) -> None:
+    datasets = [_ct_copy(study) for study in [generate_uid()] for _ in range(2)]
+    received: list[str] = []
+
+    def on_store(event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title=f"BUSY{index:02d}")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    syntax = datasets[0].file_meta.TransferSyntaxUID
+    ae.add_requested_context(datasets[0].SOPClassUID, syntax)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET, ext_neg=[build_role(datasets[0].SOPClassUID,
+                                                                                        scu_role=True, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if not assoc.is_established:
+        errors.append(f"{index}: not established")
+        return
+    try:
+        statuses = [int(assoc.send_c_store(dataset).Status) for dataset in datasets]
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = datasets[0].StudyInstanceUID
+        found = [ident for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+                 if status and status.Status in (0xFF00, 0xFF01)]
+        final = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+                 if status][-1]
+        if statuses != [0, 0] or len(found) != 1 or final != 0 or len(received) != 2:
+            errors.append(f"{index}: store {statuses}, found {len(found)}, get 0x{final:04X}, got {len(received)}")
+    finally:
+        assoc.release()
+
+
+def _ct_copy(study: str) -> pydicom.Dataset:
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    dataset.StudyInstanceUID = study
+    dataset.SeriesInstanceUID, dataset.SOPInstanceUID = generate_uid(), generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    return dataset
+
+
+def _node_rss(node) -> int:
+    """VmRSS of the node's processes (main and children), in bytes."""
+    pids = [node.process.pid, *map(int, Path(f"/proc/{node.process.pid}/task/{node.process.pid}/children")
+                                        .read_text().split())]
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
+    return total
+
+
+def test_32_busy_associations_at_once(running_node):
+    """32 associations storing, querying and retrieving at the same time: no error, every instance back."""
+    node = running_node(max_associations=32)
+    errors: list[str] = []
+    threads = [threading.Thread(target=_busy_association, args=(node, index, errors)) for index in range(32)]
+    for thread in threads:
+        thread.start()
+    peak = 0
+    while any(thread.is_alive() for thread in threads):
+        peak = max(peak, _node_rss(node))
+        time.sleep(0.2)
+    assert errors == []
+    print(f"32 busy associations: node RSS peak {peak / 2**20:.0f} MiB")  # for docs/reliability.md
+    assert peak < 2 * 2**30  # far below what one 4 GiB allocation would take
