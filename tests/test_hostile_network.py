@@ -116,6 +116,11 @@ def test_silent_and_garbage_connections_are_closed(running_node):
         assert _closed_by_node(huge, 10)
         assert _closed_by_node(junk, 10)
         assert _closed_by_node(silent, 10)
+    # An A-ASSOCIATE-RQ of a plausible length whose content is garbage: aborted, and said so.
+    with closing(socket.create_connection((node.host, node.port))) as bad:
+        bad.sendall(struct.pack(">BBL", 0x01, 0, 100) + b"\xff" * 100)
+        assert _closed_by_node(bad, 10)
+    assert wait_until(lambda: "sent an A-ASSOCIATE-RQ that cannot be decoded: connection closed" in node.log())
     # The node answers the refused ones with an A-ABORT PDU before closing.
     with closing(socket.create_connection((node.host, node.port))) as junk:
         junk.sendall(b"\x99" * 10)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pydicom
 import pytest
-from conftest import NODE_AET, wait_until
+from conftest import NODE_AET, REPO, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -136,6 +138,7 @@ def test_c_move_to_a_tls_peer_uses_tls(running_node, pki: Pki):
     scp = AE(ae_title="TLSPEER")
     scp.add_supported_context(CTImageStorage, [str(pydicom.dcmread(CT).file_meta.TransferSyntaxUID),
                                                "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    scp.add_supported_context(Verification)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
     server_context.load_cert_chain(pki.client_cert, pki.client_key)
     server_context.verify_mode = ssl.CERT_REQUIRED  # the node must show its certificate
@@ -159,6 +162,10 @@ def test_c_move_to_a_tls_peer_uses_tls(running_node, pki: Pki):
         assoc.release()
         assert statuses[-1] == 0, [hex(s) for s in statuses]
         assert received == [dataset.SOPInstanceUID]
+        # dcbnode-admin echo reaches the peer the way a C-MOVE does: over TLS.
+        echo = subprocess.run([sys.executable, "-m", "dcbnode.cli.admin", "--config", str(node.config_path), "echo",
+                               "TLSPEER"], cwd=REPO, capture_output=True, text=True, check=False)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
     finally:
         server.shutdown()
 

@@ -10,6 +10,7 @@ from pynetdicom.sop_class import Verification
 
 from ..config import Config, PeerConfig
 from .move_destination import DestinationAttempt
+from .tls import client_tls_args
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ def echo(config: Config, peer: PeerConfig) -> EchoResult:
     ae.add_requested_context(Verification)
     started = time.monotonic()
     attempt = DestinationAttempt(peer, 0)  # why an association failed, as for a C-MOVE destination
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=attempt.handlers)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=attempt.handlers,
+                         tls_args=client_tls_args(config.tls) if peer.tls else None)  # as a C-MOVE would
     if not assoc.is_established:
         return EchoResult(peer.ae_title, peer.host, peer.port, False, None, time.monotonic() - started,
                           attempt.reason())

@@ -57,7 +57,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
-from .guard import HEADER, header_refusal, io_deadline, remaining
+from .guard import HEADER, PDU_TYPES, header_refusal, io_deadline, remaining
 from .move_destination import answer_unreachable
 from .wire import (
     EncodedDataset,
@@ -225,6 +225,9 @@ class NodeDUL(DULServiceProvider):
                 return
         sock.unread(header)
         super()._read_pdu_data()
+        if self.event_queue.queue and self.event_queue.queue[-1] == "Evt19":  # pynetdicom could not decode it
+            pdu_type = PDU_TYPES.get(header[0], "PDU") if header else "PDU"
+            _note(assoc, f"sent {'an' if pdu_type[0] == 'A' else 'a'} {pdu_type} that cannot be decoded")
         if awaiting and header[:1] == b"\x01":
             cast(NodeAssociation, assoc).request_read()
 
