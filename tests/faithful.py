@@ -99,7 +99,7 @@ def byte_difference(original: Parsed, rebuilt: Parsed, *, decoded_pixels: bool |
     either is compressed).  ``skip_group_lengths`` (a diagnosis, not a verdict): compare value bytes,
     ignoring group lengths altogether, to see what else differs.
     """
-    if original.syntax.uid == rebuilt.syntax.uid and not skip_group_lengths:
+    if original.syntax == rebuilt.syntax and not skip_group_lengths:
         if original.data == rebuilt.data:
             return None
         return _first_byte_difference(original.elements, rebuilt.elements, "") or Difference(
@@ -273,10 +273,14 @@ def pixel_difference(original: bytes, rebuilt: bytes) -> Difference | None:
 
 def difference(original: bytes, rebuilt: bytes, *, skip_group_lengths: bool = False) -> Difference | None:
     """The first difference between two Part-10 files (or bare datasets): bytes, then decoded pixels when
-    the pixels were decoded or encoded; also checks the rebuilt file meta names its dataset."""
-    a, b = rawdicom.parse_part10(original), rawdicom.parse_part10(rebuilt)
+    the pixels were decoded or encoded; also checks the rebuilt file meta names its dataset.
+
+    An original whose dataset is Implicit VR under an explicit syntax is compared as what it is (the
+    rebuilt one must be encoded as its syntax says).
+    """
+    a, b = rawdicom.parse_part10(original, lenient=True), rawdicom.parse_part10(rebuilt)
     found = byte_difference(a, b, skip_group_lengths=skip_group_lengths)
-    if found is None and a.syntax.uid != b.syntax.uid and needs_decoded_pixels(a, b):
+    if found is None and a.syntax != b.syntax and needs_decoded_pixels(a, b):
         found = pixel_difference(as_part10(original), as_part10(rebuilt))
     if found is None and rebuilt[128:132] == b"DICM":
         meta = read(rebuilt).file_meta

@@ -111,6 +111,7 @@ class Prepared:
     sop_class: str | None = None
     sop_instance: str | None = None
     dataset: bytes = b""
+    encoded_as: str | None = None  # the syntax the dataset is really encoded in, when not ``syntax``
     unsendable: str | None = None  # why no C-STORE can carry it
     oracle_error: str | None = None  # why the oracle cannot walk it
 
@@ -134,15 +135,18 @@ def prepare(source: Source) -> Prepared:
         prepared.unsendable = prepared.oracle_error = f"no file meta the oracle can read: {exc}"
         return prepared
     try:
-        parsed = rawdicom.parse_dataset(prepared.dataset, prepared.syntax)
+        parsed = rawdicom.parse_part10(data, lenient=True)
         prepared.sop_class = rawdicom.text(parsed, faithful.SOP_CLASS)
         prepared.sop_instance = rawdicom.text(parsed, faithful.SOP_INSTANCE)
+        if parsed.syntax != rawdicom.Syntax.of(prepared.syntax):  # Implicit VR labelled explicit
+            prepared.encoded_as = rawdicom.IMPLICIT_LE  # (pydicom's SC_rgb_jpeg.dcm)
     except (rawdicom.RawError, ValueError) as exc:
         prepared.oracle_error = f"not a dataset in {prepared.syntax}: {exc}"
-        if meta:  # the file meta still names the instance: send it anyway, the node must refuse it
-            elements, _ = rawdicom._Reader(meta, False, True).elements(0, len(meta))
-            prepared.sop_class = rawdicom.text(elements, 0x00020002)
-            prepared.sop_instance = rawdicom.text(elements, 0x00020003)
+    if meta and not (prepared.sop_class and prepared.sop_instance):
+        # The file meta still names the instance: send it anyway, the node must refuse what is wrong.
+        elements, _ = rawdicom._Reader(meta, False, True).elements(0, len(meta))
+        prepared.sop_class = prepared.sop_class or rawdicom.text(elements, 0x00020002)
+        prepared.sop_instance = prepared.sop_instance or rawdicom.text(elements, 0x00020003)
     if not prepared.sop_class or not prepared.sop_instance:
         prepared.unsendable = "no SOP Class or SOP Instance UID to put in a C-STORE request"
     return prepared

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom.datadict import dictionary_VR
 
@@ -262,10 +262,20 @@ def split_part10(data: bytes) -> tuple[bytes, str, bytes]:
     return b"", IMPLICIT_LE, data
 
 
-def parse_part10(data: bytes) -> Parsed:
-    """Walk the dataset of a Part-10 file (or a bare dataset) in its transfer syntax."""
+def parse_part10(data: bytes, *, lenient: bool = False) -> Parsed:
+    """Walk the dataset of a Part-10 file (or a bare dataset) in its transfer syntax.
+
+    ``lenient``: a dataset that is not Explicit VR although its syntax says so is read as Implicit VR
+    Little Endian, as pydicom and DCMTK read such files (the returned syntax says what was used).
+    """
     _, syntax, dataset = split_part10(data)
-    return parse_dataset(dataset, syntax)
+    try:
+        return parse_dataset(dataset, syntax)
+    except RawError:
+        if not lenient or Syntax.of(syntax).implicit or Syntax.of(syntax).deflated:
+            raise
+        elements, _ = _Reader(dataset, True, True).elements(0, len(dataset))
+        return Parsed(replace(Syntax.of(syntax), implicit=True, little=True), dataset, tuple(elements))
 
 
 def find(parsed: Parsed | tuple[Element, ...], tag: int) -> Element | None:
