@@ -32,8 +32,9 @@ STRING_VRS = {"AE": ("ScheduledStationAETitle", b"STATION"), "AS": ("PatientAge"
               "UR": ("URNCodeValue", b"http://example.org/x"), "UT": ("TextValue", b"unlimited text")}
 
 #: How each item of the padding sequence pads its values (every value of even length unless broken).
-PADDINGS = {"spaces": lambda v: v + b" " * (3 + len(v) % 2), "nuls": lambda v: v + b"\0" * (2 + len(v) % 2),
-            "all-spaces": lambda v: b" " * 6, "empty": lambda v: b"", "odd-length": lambda v: v + b"X" * (1 - len(v) % 2)}
+PADDINGS = {"spaces": lambda v: v + b" " * (2 + len(v) % 2), "nuls": lambda v: v + b"\0" * (2 + len(v) % 2),
+            "all-spaces": lambda v: b" " * 6, "empty": lambda v: b"",
+            "odd-length": lambda v: v + b"X" * (1 - len(v) % 2)}
 
 
 def _tag(keyword: str) -> int:

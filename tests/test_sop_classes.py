@@ -18,7 +18,6 @@ from conftest import RunningNode, read_back, rebuilt_part10, stop_node
 from faithful import element_differences, pixels_equal, read
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
 from pynetdicom import AE, build_role, evt, register_uid
 from pynetdicom.service_class import StorageServiceClass
@@ -138,7 +137,7 @@ def test_retired_and_private_classes_stored_and_served(running_node) -> None:
         assoc.release()
     for ds in originals:
         (got,) = _get_back(node, ds)
-        received = pydicom.dcmread(DicomBytesIO(got), force=True)
+        received = read(got)
         assert received.SOPClassUID == ds.SOPClassUID
         assert received.SOPInstanceUID == ds.SOPInstanceUID
         assert pixels_equal(ds, received)
