@@ -342,13 +342,14 @@ def library_cells(item: Prepared, path: Path, workdir: Path) -> dict[str, Cell]:
         return {f"library/{c}": Cell("refused", f"dcbs.save: {exc}") for c in LIBRARY_COLUMNS}
     cells = {}
     with dcbs.DcbStreamingReader(volume) as reader:
-        for column, make in (("frame", lambda: reader.get_dicom_for_frame(0)),
-                             ("native", lambda: reader.get_dicom_for_frame(0, force_uncompressed=True)),
-                             ("own", lambda: reader.rebuild(0, item.syntax or "").part10())):
+        for column, syntax, make in (
+                ("frame", "", lambda: reader.get_dicom_for_frame(0)),
+                ("native", rawdicom.EXPLICIT_LE, lambda: reader.get_dicom_for_frame(0, force_uncompressed=True)),
+                ("own", item.syntax or "", lambda: reader.rebuild(0, item.syntax or "").part10())):
             try:
                 blob = make()
             except dcbs.DcbsError as exc:
-                cells[f"library/{column}"] = Cell("refused", f"{type(exc).__name__}: {exc}", item.syntax or "")
+                cells[f"library/{column}"] = Cell("refused", f"{type(exc).__name__}: {exc}", syntax)
                 continue
             cells[f"library/{column}"] = compare(item, blob, rawdicom.split_part10(blob)[1])
     return cells
