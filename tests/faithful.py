@@ -236,10 +236,9 @@ def _items_of(element: Element) -> tuple[rawdicom.Item, ...] | None:
     if element.value[:4] != b"\xfe\xff\x00\xe0":
         return None
     try:
-        items, _, _ = rawdicom._Reader(element.value, True, True).items(0, len(element.value), len(element.value))
-    except (rawdicom.RawError, struct.error):
+        return rawdicom.implicit_items(element.value)
+    except rawdicom.RawError:
         return None
-    return tuple(items)
 
 
 def _group_length_error(elements: tuple[Element, ...], group_length: Element, little: bool) -> str | None:

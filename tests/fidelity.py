@@ -144,7 +144,7 @@ def prepare(source: Source) -> Prepared:
         prepared.oracle_error = f"not a dataset in {prepared.syntax}: {exc}"
     if meta and not (prepared.sop_class and prepared.sop_instance):
         # The file meta still names the instance: send it anyway, the node must refuse what is wrong.
-        elements, _ = rawdicom._Reader(meta, False, True).elements(0, len(meta))
+        elements = rawdicom.meta_elements(meta)
         prepared.sop_class = prepared.sop_class or rawdicom.text(elements, 0x00020002)
         prepared.sop_instance = prepared.sop_instance or rawdicom.text(elements, 0x00020003)
     if not prepared.sop_class or not prepared.sop_instance:

@@ -278,6 +278,22 @@ def parse_part10(data: bytes, *, lenient: bool = False) -> Parsed:
         return Parsed(replace(Syntax.of(syntax), implicit=True, little=True), dataset, tuple(elements))
 
 
+def meta_elements(meta: bytes) -> tuple[Element, ...]:
+    """The elements of a file meta group (always Explicit VR Little Endian, PS3.10 7.1)."""
+    elements, _ = _Reader(meta, False, True).elements(0, len(meta))
+    return tuple(elements)
+
+
+def implicit_items(value: bytes) -> tuple[Item, ...]:
+    """The items a defined-length UN (or unknown implicit) value holds, read as Implicit VR Little Endian
+    (PS3.5 6.2.2); raises :class:`RawError` when it holds no items."""
+    try:
+        items, _, _ = _Reader(value, True, True).items(0, len(value), len(value))
+    except struct.error as exc:
+        raise RawError(f"not items: {exc}") from exc
+    return tuple(items)
+
+
 def find(parsed: Parsed | tuple[Element, ...], tag: int) -> Element | None:
     """The top-level element ``tag``, or None."""
     elements = parsed.elements if isinstance(parsed, Parsed) else parsed
