@@ -5,9 +5,11 @@ dcbnode's associations (used by the subclasses in :mod:`.provider`).
   A-ASSOCIATE-RQ before the association is requested, or a length beyond :func:`pdu_length_limit` is
   refused (A-ABORT, then the connection is closed) without reading, let alone allocating, the body.
 * Every read and write of the socket has a deadline (:func:`io_deadline`): a PDU must arrive, and be
-  taken by the peer, within ``network_timeout`` — a peer trickling one byte a second, or one that stops
-  reading in the middle of a C-GET, is dropped, not waited for forever; before the A-ASSOCIATE-RQ the
-  deadline is ``association_request_timeout`` after the connection was accepted.
+  taken by the peer, within ``network_timeout`` plus the time its size takes at :data:`MIN_RATE`, and
+  no single wait may exceed ``network_timeout`` — a peer that stops reading in the middle of a C-GET is
+  dropped after ``network_timeout``, one trickling a byte a second by the deadline, while a large PDU
+  on a slow link still gets through; before the A-ASSOCIATE-RQ the deadline is
+  ``association_request_timeout`` after the connection was accepted.
 """
 
 from __future__ import annotations
@@ -74,25 +76,33 @@ def oversized_identifier(request: Any, limit: int) -> str:
     return f"Identifier too large ({size} bytes, at most {limit})" if size > limit else ""
 
 
-def io_deadline(assoc: Any) -> float | None:
-    """The ``time.monotonic()`` by which a socket read or write starting now must be done, or ``None``.
+#: The slowest average rate at which a PDU may arrive or leave (bytes/s) once ``network_timeout`` is
+#: used up: a 1 MiB PDU gets 16 s more, a peer that stops reading or trickles is dropped.
+MIN_RATE = 64 * 1024
 
-    ``network_timeout`` from now; for an acceptor still waiting for its A-ASSOCIATE-RQ, no later than
-    its request deadline.
+
+def io_deadline(assoc: Any, size: int) -> float | None:
+    """The ``time.monotonic()`` by which a socket read or write of ``size`` bytes starting now must be
+    done, or ``None``.
+
+    ``network_timeout`` + ``size`` / :data:`MIN_RATE` from now; for an acceptor still waiting for its
+    A-ASSOCIATE-RQ, no later than its request deadline.
     """
     seconds = getattr(assoc, "network_timeout", None)
-    deadline = time.monotonic() + seconds if seconds else None
+    deadline = time.monotonic() + seconds + size / MIN_RATE if seconds else None
     request_deadline = getattr(assoc, "request_deadline", None)
     if request_deadline is not None and getattr(assoc, "awaiting_request", False):
         deadline = request_deadline if deadline is None else min(deadline, request_deadline)
     return deadline
 
 
-def remaining(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (``None``: no deadline); raises ``TimeoutError`` once passed."""
+def remaining(deadline: float | None, idle: float | None = None) -> float | None:
+    """How long the next socket call may wait: the time left until ``deadline``, and no more than
+    ``idle`` (``network_timeout``: a peer that sends or takes nothing for that long is gone, however
+    long its PDU); ``None``: no limit.  Raises ``TimeoutError`` once the deadline has passed."""
     if deadline is None:
-        return None
+        return idle
     left = deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError
-    return left
+    return min(left, idle) if idle else left

@@ -114,11 +114,11 @@ class NodeSocket(AssociationSocket):
         connection = cast(socket.socket, self.socket)
         bytestream = bytearray(self._unread[:nr_bytes])
         self._unread = self._unread[nr_bytes:]
-        deadline = io_deadline(self.assoc)
+        deadline = io_deadline(self.assoc, nr_bytes)
         try:
             self._handshake(connection, deadline)
             while len(bytestream) < nr_bytes:
-                connection.settimeout(remaining(deadline))
+                connection.settimeout(remaining(deadline, getattr(self.assoc, "network_timeout", None)))
                 bytes_read = connection.recv(min(nr_bytes - len(bytestream), _RECV_CHUNK))
                 if not bytes_read:
                     return bytestream
@@ -134,12 +134,12 @@ class NodeSocket(AssociationSocket):
         """pynetdicom's ``send`` with the I/O deadline: a peer that stops reading (or reads a byte a
         second) is taken as a closed connection (Evt17) after ``network_timeout``, not waited for."""
         connection = cast(socket.socket, self.socket)
-        deadline = io_deadline(self.assoc)
+        deadline = io_deadline(self.assoc, len(bytestream))
         view = memoryview(bytestream)
         try:
             self._handshake(connection, deadline)
             while view:
-                connection.settimeout(remaining(deadline))
+                connection.settimeout(remaining(deadline, getattr(self.assoc, "network_timeout", None)))
                 view = view[connection.send(view):]
         except TimeoutError:
             _note(self.assoc, "did not take what the node sent within network_timeout")
