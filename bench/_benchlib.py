@@ -27,6 +27,7 @@ __all__ = [
     "SourceFactory",
     "Target",
     "TargetFactory",
+    "load_average",
     "machine_info",
     "print_table",
     "series_info",
@@ -54,7 +55,13 @@ def machine_info() -> dict[str, Any]:
         "pydicom": pydicom.__version__,
         "argv": sys.argv,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> float:
+    """One-minute load average: the 2-core VM is shared with other jobs, so every round records it."""
+    return round(os.getloadavg()[0], 2)
 
 
 def series_info(files: Sequence[Path]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``tests`` i
 from bench._benchlib import (
     Target,
     TargetFactory,
+    load_average,
     machine_info,
     print_table,
     series_info,
@@ -47,6 +49,7 @@ __all__ = [
     "main",
     "measure_store_rate",
     "run_benchmark",
+    "send_concurrently",
     "store_once",
 ]
 
@@ -104,20 +107,35 @@ def pynetdicom_target(expected: int | None = None, max_pdu: int | None = None) -
     return factory
 
 
-def store_once(
-    target_factory: TargetFactory, files: Sequence[Path], storescu_args: Sequence[str] = STORESCU_ARGS
-) -> float:
-    """Start a target, send ``files`` with one storescu association, stop it; return storescu's seconds.
+def send_concurrently(target: Target, files: Sequence[Path], associations: int = 1,
+                      storescu_args: Sequence[str] = STORESCU_ARGS) -> None:
+    """Send ``files`` to ``target`` over ``associations`` simultaneous ``storescu`` processes (disjoint
+    slices of the list, interleaved); raises ``RuntimeError`` if any of them fails."""
+    host, port, aet = target
+    parts = [list(files[i::associations]) for i in range(associations)]
+    with ThreadPoolExecutor(associations) as pool:
+        results = list(pool.map(lambda i: run_storescu(parts[i], host, port, aet, calling_aet=f"STORESCU{i}",
+                                                       extra_args=storescu_args), range(associations)))
+    failed = [f"storescu {i} exit {r.returncode}: {r.stdout}{r.stderr}"[-1000:]
+              for i, r in enumerate(results) if r.returncode != 0]
+    if failed:
+        raise RuntimeError("; ".join(failed))
 
-    Raises ``RuntimeError`` if storescu fails (it halts with a non-zero exit at the first failed C-STORE)
+
+def store_once(
+    target_factory: TargetFactory, files: Sequence[Path], storescu_args: Sequence[str] = STORESCU_ARGS,
+    associations: int = 1,
+) -> float:
+    """Start a target, send ``files`` over ``associations`` simultaneous storescu (one each), stop it; return
+    the seconds until the last storescu ended.
+
+    Raises ``RuntimeError`` if a storescu fails (it halts with a non-zero exit at the first failed C-STORE)
     or the target's own check on exit fails.
     """
-    with target_factory() as (host, port, aet):
+    with target_factory() as target:
         start = time.perf_counter()
-        result = run_storescu(files, host, port, aet, extra_args=storescu_args)
+        send_concurrently(target, files, associations, storescu_args)
         elapsed = time.perf_counter() - start
-        if result.returncode != 0:
-            raise RuntimeError(f"storescu exit {result.returncode}: {result.stdout}{result.stderr}"[-2000:])
     return elapsed
 
 
@@ -152,16 +170,21 @@ TARGETS: dict[str, Any] = {
 
 
 def run_benchmark(
-    targets: Mapping[str, TargetFactory], files: Sequence[Path], *, repeats: int = 3
+    targets: Mapping[str, TargetFactory], files: Sequence[Path], *, repeats: int = 3,
+    associations: Mapping[str, int] | None = None, loads_out: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every target ``repeats`` times, round-robin: each round runs every target once, so that a
     machine whose speed drifts (VMs do, by 2× within minutes) weighs on all targets alike, and the runs of
-    one round can be compared pairwise.  Returns result rows (see ``bench._benchlib.summarize``)."""
+    one round can be compared pairwise.  ``associations`` gives the number of simultaneous storescu per
+    target name (default 1); the load average before each round is appended to ``loads_out``.
+    Returns result rows (see ``bench._benchlib.summarize``)."""
     seconds: dict[str, list[float]] = {name: [] for name in targets}
     for round_number in range(1, repeats + 1):
+        if loads_out is not None:
+            loads_out.append(load_average())
         for name, factory in targets.items():
-            seconds[name].append(store_once(factory, files))
-        print(f"  round {round_number}: " + ", ".join(f"{name} {len(files) / runs[-1]:.1f}/s"
+            seconds[name].append(store_once(factory, files, associations=(associations or {}).get(name, 1)))
+        print(f"  round {round_number} (load {load_average()}): " + ", ".join(f"{name} {len(files) / runs[-1]:.1f}/s"
                                                    for name, runs in seconds.items()), flush=True)
     return [summarize(name, [len(files) / s for s in runs], runs) for name, runs in seconds.items()]
 
