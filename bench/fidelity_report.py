@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +23,7 @@ def main() -> None:
     output = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "fidelity.md"
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
+    warnings.simplefilter("ignore")  # the test files are full of deliberately invalid values
     with tempfile.TemporaryDirectory() as workdir:
         sweep = fidelity.run_sweep(Path(workdir), vendor=not fidelity.missing_vendor_packages())
     output.write_text(report(sweep, commit=commit))
