@@ -13,7 +13,10 @@
 The load average is recorded before every round (the 2-core VM is shared).  Orthanc is located by
 ``bench/orthanc.py``; without it the Orthanc rows are left out and the run says so.
 
-Run: ``python bench/capacity.py [--count 300] [--repeats 3] [--postgres URL] [--skip-get]``.
+``--series N`` makes the store section send N series of ``count / N`` slices instead (storescu ``i`` of
+N sends series ``i`` alone): more associations then append to different volumes.
+
+Run: ``python bench/capacity.py [--count 300] [--repeats 3] [--postgres URL] [--series 1] [--skip-get]``.
 Writes ``bench/results/capacity.json``.  Bounded: every peer and tool has a timeout and is stopped.
 """
 
@@ -119,6 +122,15 @@ def get_section(files: Sequence[Path], repeats: int, have_orthanc: bool,
     return [summarize(name, [len(files) / s for s in runs], runs) for name, runs in seconds.items()]
 
 
+def store_files(count: int, series: int) -> list[Path]:
+    """``count`` slices as ``series`` series, interleaved so that the i-th of ``series`` simultaneous
+    senders (``files[i::series]``, see ``send_concurrently``) gets series i alone."""
+    if series == 1:
+        return cached_ct_series(count)
+    parts = [cached_ct_series(count // series, seed=seed) for seed in range(series)]
+    return [part[k] for k in range(count // series) for part in parts]
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--postgres", default=os.environ.get("DCBNODE_TEST_POSTGRES_URL", ""),
                         help="server URL for dcbnode-pg rows (default $DCBNODE_TEST_POSTGRES_URL; '' skips)")
+    parser.add_argument("--series", type=int, choices=(1, 2, 4), default=1,
+                        help="store section: that many series of count/N slices (default 1)")
     parser.add_argument("--skip-get", action="store_true")
     parser.add_argument("--skip-store", action="store_true")
     args = parser.parse_args(argv)
@@ -139,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                                "machine": machine_info(), "orthanc": orthanc_binary()}
     if not args.skip_store:
         loads: list[float] = []
-        rows = store_section(files, args.repeats, args.postgres or None, have_orthanc, loads)
+        payload["store_series"] = args.series
+        rows = store_section(store_files(args.count, args.series), args.repeats, args.postgres or None,
+                             have_orthanc, loads)
         print_table("storescu → target, ×N simultaneous associations (instances/s)", rows, mb)
         payload["store"] = {"load_before_rounds": loads, "results": rows, "ratios": ratios(rows, STORE_TARGETS)}
     if not args.skip_get:
