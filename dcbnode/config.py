@@ -128,6 +128,8 @@ class NodeConfig:
     association_request_timeout: float = 5.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: seconds an index write waits for a SQLite lock held by another process (then A700)
+    index_busy_timeout: float = 10.0
     duplicate_policy: str = "keep_first"
     compression: str = "deferred"
     compression_delay: float = 10.0
@@ -454,6 +456,7 @@ _NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "association_request_timeout": _timeout,
     "dimse_timeout": _timeout,
     "network_timeout": _timeout,
+    "index_busy_timeout": _timeout,
     "duplicate_policy": _choice(DUPLICATE_POLICIES),
     "compression": _choice(COMPRESSION_MODES),
     "compression_delay": _timeout,

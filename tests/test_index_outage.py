@@ -8,6 +8,7 @@ PostgreSQL cluster is never restarted."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 
@@ -80,3 +81,33 @@ def test_postgresql_connections_cut_under_load(running_node, postgres_url):
         archive.close()
     print(f"{cut} connections cut, {len(outcomes)} C-STOREs: "
           f"{sum(1 for s in outcomes.values() if s == 0)} Success, {sum(1 for s in outcomes.values() if s)} A700")
+
+
+def test_sqlite_index_locked_by_another_process(running_node):
+    """Another process holds the SQLite index's write lock (``BEGIN EXCLUSIVE`` in a ``sqlite3``
+    connection): each C-STORE waits ``index_busy_timeout``, then gets A700 with an Error Comment, never
+    Success and never a hang; once the lock is released the node stores again, without a restart."""
+    node = running_node(index_busy_timeout=1.0)
+    first = _ct()
+    assert [s.Status for s in scu_store(node, [first])] == [0]  # the index file exists and is in use
+    locker = sqlite3.connect(node.data_dir / "index.sqlite", isolation_level=None, timeout=10)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        refused = [_ct(SOPInstanceUID=generate_uid()) for _ in range(2)]
+        statuses = scu_store(node, refused)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert [int(s.Status) for s in statuses] == [0xA700, 0xA700]
+    assert {str(s.ErrorComment) for s in statuses} == {"index database unavailable; retry later"}
+    assert "database is locked" in node.log()
+    after = _ct()
+    assert [s.Status for s in scu_store(node, [after])] == [0]
+    archive = read_back(node.data_dir)
+    try:
+        for uid in (first.SOPInstanceUID, after.SOPInstanceUID):
+            with archive.open_instance(uid):
+                pass
+        assert indexed_count(archive) == 2  # the refused instances are not in the index
+    finally:
+        archive.close()

@@ -33,7 +33,7 @@ from ..dcbs import (
 from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
 from ..index.attributes import LevelAttributeCache
-from ..index.database import is_disk_full
+from ..index.database import DEFAULT_BUSY_TIMEOUT, is_disk_full
 from ..index.writer import (
     LevelCache,
     RecordPlacement,
@@ -169,16 +169,17 @@ class Archive:
     """Volumes under ``data_dir/volumes`` and their index."""
 
     def __init__(self, data_dir: Path, database_url: str, *, duplicate_policy: str = "keep_first",
-                 compresses: bool = True) -> None:
+                 compresses: bool = True, index_busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         """``compresses=False``: another process compresses this archive's deferred volumes (a node
-        worker), so this one does not keep track of when they went idle."""
+        worker), so this one does not keep track of when they went idle.  ``index_busy_timeout``: see
+        :class:`~dcbnode.index.database.Index`."""
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"unknown duplicate policy {duplicate_policy!r}")
         self.data_dir = Path(data_dir)
         self.duplicate_policy = duplicate_policy
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / VOLUMES_DIR).mkdir(exist_ok=True)
-        self.index = Index(database_url)
+        self.index = Index(database_url, busy_timeout=index_busy_timeout)
         self.index.prepare_schema()  # raises SchemaError for an index of another dcbnode version
         self.volumes = VolumePool()
         self.level_cache = LevelCache()

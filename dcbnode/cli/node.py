@@ -156,7 +156,8 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
     try:
         try:
             archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
-                              duplicate_policy=node_cfg.duplicate_policy)
+                              duplicate_policy=node_cfg.duplicate_policy,
+                              index_busy_timeout=node_cfg.index_busy_timeout)
         except OSError as exc:
             log.error("cannot use data folder %s: %s; set node.data_dir to a writable folder on a local disk",
                       node_cfg.data_dir, exc.strerror or exc)

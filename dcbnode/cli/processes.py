@@ -199,7 +199,8 @@ def _worker_body(number: int, config: Config, overrides: dict[str, object], list
 
         node_cfg = config.node
         archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
-                          duplicate_policy=node_cfg.duplicate_policy, compresses=False)
+                          duplicate_policy=node_cfg.duplicate_policy, compresses=False,
+                          index_busy_timeout=node_cfg.index_busy_timeout)
         rebuilds = RebuildPool(node_cfg.data_dir, node_cfg.resolved_database_url, processes=_REBUILD_HELPERS,
                                log_level=node_cfg.log_level, name=f"w{number + 1}-rebuild")
         node = Node(NodeContext(config=config, archive=archive, rebuilds=rebuilds), AssociationLimit(slots, number))
@@ -236,7 +237,8 @@ def _compressor_body(config: Config) -> Callable[[], int]:
         os.setpriority(os.PRIO_PROCESS, 0, NICENESS)
         node_cfg = config.node
         archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
-                          duplicate_policy=node_cfg.duplicate_policy)
+                          duplicate_policy=node_cfg.duplicate_policy,
+                          index_busy_timeout=node_cfg.index_busy_timeout)
         compressor = Compressor(archive, node_cfg.compression_delay, watch_index=True)
         compressor.start()
         try:

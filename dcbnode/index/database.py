@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
@@ -13,19 +14,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import schema
 
+#: Seconds a SQLite write waits for another process's lock before "database is locked" (the node
+#: answers A700): below the 30 s DIMSE timeout most peers use, so a peer gets a status, not a timeout.
+DEFAULT_BUSY_TIMEOUT = 10.0
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    """WAL lets readers (C-FIND, retrieves) run while ingest writes.
+
+def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
+    """The connect hook.  WAL lets readers (C-FIND, retrieves) run while ingest writes.
 
     ``synchronous=NORMAL`` is enough: a volume record is fsynced before its index commit, and
     recovery re-indexes from the volumes whatever the index lost in a power cut.
     """
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.close()
+    return on_connect
 
 
 #: PostgreSQL's SQLSTATE for "disk_full" (Appendix A of its manual).
@@ -42,11 +49,14 @@ def is_disk_full(exc: DBAPIError) -> bool:
 class Index:
     """The index database: engine, sessions and the schema's version check."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        """``busy_timeout``: seconds a SQLite statement waits for another process's lock (unused for
+        PostgreSQL, whose row locks are only held by the node's own short transactions)."""
         self.url = url
         if url.startswith("sqlite"):
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.engine: Engine = create_engine(url, connect_args={"timeout": busy_timeout,
+                                                                   "check_same_thread": False})
+            event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout))
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
