@@ -1,5 +1,5 @@
-"""The fuzz properties of ``tests/test_fuzz.py`` for longer: random (not the CI's fixed) mutated PDUs and
-C-STORE data sets against a real node, ``--examples`` cases per property (CI runs 30).
+"""The fuzz properties of ``tests/test_fuzz.py`` for longer: random (not the CI's fixed) mutated PDUs, C-STORE
+data sets and P-DATA-TF framings against a real node, ``--examples`` cases per property (CI runs 30).
 
 Run: ``python bench/fuzz.py [--examples 2000]``.  Prints the cases run and the pytest summary; a failure
 shows hypothesis's falsifying (shrunk) example and the node's log.  Exit status: pytest's.

@@ -1,7 +1,9 @@
-"""Bad bytes: hypothesis mutates valid PDUs and C-STORE data sets and sends them to a real node.
+"""Bad bytes: hypothesis mutates valid PDUs, C-STORE data sets and the P-DATA-TF framing of a C-STORE
+on an established association, and sends them to a real node.
 
-Whatever arrives, the node keeps running and answering; every C-STORE gets a DICOM status (no abort,
-no hang); what is acknowledged with Success reads back as a well-formed data set; a length field
+Whatever arrives, the node keeps running and answering; every C-STORE with a well-framed data set gets a
+DICOM status (no abort, no hang), a badly framed one a status or an A-ABORT; what is acknowledged with
+Success reads back as a well-formed data set (as the one sent, when only the framing was mutated); a length field
 claiming 4 GiB never makes the node allocate it.  Bounded for CI (a few hundred cases, well under a
 minute); ``bench/fuzz.py`` runs the same properties for longer.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from io import BytesIO
 
@@ -127,7 +131,104 @@ def test_mutated_data_sets_get_a_status_and_only_well_formed_ones_are_stored(nod
         _STORED.append(uid)
 
 
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _read_exactly(sock, 6)
+    return header[0], _read_exactly(sock, struct.unpack(">L", header[2:])[0])
+
+
+def _store_command(uid: str) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian, led by its group length)."""
+    command = pydicom.Dataset()
+    command.AffectedSOPClassUID = CTImageStorage
+    command.CommandField = 0x0001
+    command.MessageID = 1
+    command.Priority = 2
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = uid
+    body = encode(command, True, True)
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _pdvs(data: bytes, is_command: bool, draw) -> list[list[int | bytes]]:
+    """``data`` as PDVs [context ID, message control header, fragment], cut at 0-3 random places."""
+    cuts = sorted(draw(st.lists(st.integers(1, len(data) - 1), max_size=3, unique=True)))
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return [[1, (0x01 if is_command else 0) | (0x02 if n == len(pieces) - 1 else 0), piece]
+            for n, piece in enumerate(pieces)]
+
+
+def _p_data_tf(pdvs: list[list[int | bytes]], draw) -> bytes:
+    """One P-DATA-TF PDU per PDV, with a few context IDs, control headers, PDV item lengths or PDU
+    lengths (up to 4 GiB) mutated."""
+    pdus = []
+    for context_id, control, fragment in pdvs:
+        item_length = 2 + len(fragment)
+        mutation = draw(st.sampled_from(["none"] * 4 + ["context", "control", "item", "pdu"]))
+        if mutation == "context":
+            context_id = draw(st.sampled_from([0, 3, 255]))
+        elif mutation == "control":
+            control = draw(st.integers(0, 255))
+        elif mutation == "item":
+            item_length = draw(st.sampled_from([0, 1, 2, item_length - 1, item_length + 1, 0xFFFFFFFF]))
+        item = struct.pack(">LBB", item_length & 0xFFFFFFFF, context_id, control) + fragment
+        pdu_length = 4 + 2 + len(fragment)
+        if mutation == "pdu":
+            pdu_length = draw(st.sampled_from([0, 5, pdu_length - 1, 0xFFFFFFFF]))
+        pdus.append(struct.pack(">BBL", 0x04, 0, pdu_length) + item)
+    return b"".join(pdus)
+
+
+def _command_status(pdvs: bytes) -> int:
+    """The Status of a C-STORE-RSP in one P-DATA-TF's PDVs (a response fits one PDV)."""
+    command = b""
+    while pdvs:
+        length = struct.unpack(">L", pdvs[:4])[0]
+        command += pdvs[6:4 + length]
+        pdvs = pdvs[4 + length:]
+    return int(pydicom.dcmread(BytesIO(command), force=True).Status)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_p_data_on_an_association_aborts_or_gets_a_status(node: RunningNode, data) -> None:
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    uid = f"2.25.{uuid.uuid4().int:039d}".replace(".0", ".1")  # one length: the same draws every run
+    dataset.SOPInstanceUID = uid
+    pdvs = _pdvs(_store_command(uid), True, data.draw) + _pdvs(encode(dataset, False, True), False, data.draw)
+    payload = _p_data_tf(pdvs, data.draw)
+    with socket.create_connection((node.host, node.port), timeout=3) as sock:
+        sock.sendall(associate_rq_bytes((CTImageStorage, ExplicitVRLittleEndian)))
+        assert _read_pdu(sock)[0] == 0x02, "association not accepted"
+        try:
+            sock.sendall(payload)
+            pdu_type, body = _read_pdu(sock)
+        except OSError:  # closed, or waiting for the rest (its DIMSE/network timeouts end that association)
+            _P_DATA_OUTCOMES.append("closed or silent")
+            return
+    assert pdu_type in (0x04, 0x07), f"unexpected PDU type {pdu_type:#x}"  # C-STORE-RSP or A-ABORT
+    if pdu_type == 0x07:
+        _P_DATA_OUTCOMES.append("A-ABORT")
+        return
+    status = _command_status(body)
+    assert status in _VALID_STATUS
+    _P_DATA_OUTCOMES.append(f"{status:04X}")
+    if status == 0x0000:  # only the framing was mutated: what is stored must be the data set sent
+        _P_DATA_STORED.append(uid)
+
+
 _STORED: list[str] = []
+_P_DATA_OUTCOMES: list[str] = []
+_P_DATA_STORED: list[str] = []
 
 
 def test_what_was_stored_reads_back_and_the_node_is_alive(node: RunningNode) -> None:
@@ -137,6 +238,11 @@ def test_what_was_stored_reads_back_and_the_node_is_alive(node: RunningNode) -> 
     try:
         for uid in _STORED:
             pydicom.dcmread(BytesIO(rebuilt_part10(archive, uid))).walk(lambda *_: None)
+        sent = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+        for uid in _P_DATA_STORED:
+            sent.SOPInstanceUID = uid
+            assert pydicom.dcmread(BytesIO(rebuilt_part10(archive, uid))) == sent, uid
     finally:
         archive.close()
-    print(f"fuzz: {EXAMPLES} PDU and {EXAMPLES} data set cases, {len(_STORED)} mutated data sets stored")
+    print(f"fuzz: {EXAMPLES} PDU, {EXAMPLES} data set and {EXAMPLES} P-DATA cases, "
+          f"{len(_STORED) + len(_P_DATA_STORED)} stored; P-DATA outcomes: {dict(Counter(_P_DATA_OUTCOMES))}")
