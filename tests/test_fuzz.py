@@ -94,6 +94,26 @@ def test_mutated_pdus_never_take_the_node_down(node: RunningNode, data) -> None:
             pass
 
 
+def store_raw(node: RunningNode, uid: str, payload: bytes) -> list | None:
+    """Send ``payload`` as it is as a CT C-STORE data set (Explicit VR Little Endian) from a stock pynetdicom
+    SCU; its response primitives, or ``None`` when the node aborted."""
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = uid
+    request.Priority = 2
+    request.DataSet = BytesIO(payload)
+    try:
+        return send_raw_request(assoc, request)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def _ct_bytes() -> tuple[bytes, pydicom.Dataset]:
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
     return encode(dataset, False, True), dataset
@@ -109,21 +129,7 @@ def test_mutated_data_sets_get_a_status_and_only_well_formed_ones_are_stored(nod
         len(dataset.SOPInstanceUID), b"1"))
     uid = uid[:len(dataset.SOPInstanceUID)].ljust(len(dataset.SOPInstanceUID), "1")
     payload = _mutated(encoded, data.draw)
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = uid
-    request.Priority = 2
-    request.DataSet = BytesIO(payload)
-    try:
-        responses = send_raw_request(assoc, request)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    responses = store_raw(node, uid, payload)
     assert responses is not None, f"no C-STORE response\n{node.log()[-2000:]}"
     status = int(responses[-1].Status)
     assert status in _VALID_STATUS

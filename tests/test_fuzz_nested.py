@@ -14,21 +14,16 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Iterator
-from io import BytesIO
 
 import pydicom
 import pytest
-from conftest import NODE_AET, RunningNode, read_back, rebuilt_part10, start_node, stop_node
+from conftest import RunningNode, read_back, rebuilt_part10, start_node, stop_node
 from hypothesis import given
 from hypothesis import strategies as st
-from peers import send_raw_request
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
+from pydicom.uid import generate_uid
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import CTImageStorage
-from test_fuzz import _VALID_STATUS, FUZZ, _alive
+from test_fuzz import _VALID_STATUS, FUZZ, _alive, store_raw
 
 _SEQUENCE_TAG = (0x0008, 0x1140)  # Referenced Image Sequence: the outermost sequence
 _NESTED_TAG = (0x0040, 0xA730)  # Content Sequence: the nested ones
@@ -116,21 +111,7 @@ _OUTCOMES: list[str] = []
 def test_mutated_nested_sequences_get_a_status_or_an_abort(node: RunningNode, data) -> None:
     uid = generate_uid()
     payload, mutations = _data_set(uid, data.draw)
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(node.host, node.port, ae_title=NODE_AET)
-    assert assoc.is_established
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = uid
-    request.Priority = 2
-    request.DataSet = BytesIO(payload)
-    try:
-        responses = send_raw_request(assoc, request)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    responses = store_raw(node, uid, payload)
     kind = "+".join(sorted(set(mutations) - {"none"})) or "intact"
     assert responses is not None or kind != "intact", f"a well-formed data set was aborted\n{node.log()[-2000:]}"
     if responses is None:
