@@ -2,15 +2,19 @@
 the node's database terminated, again and again, while C-STOREs arrive): each C-STORE is answered Success
 only once indexed, otherwise A700 (the sender retries); the node recovers by itself, without a restart.
 
-The test database is the node's own (a fresh one per test), so only its connections are cut; the shared
-PostgreSQL cluster is never restarted."""
+The test database is the node's own (a fresh one per test), so the first test cuts only its connections;
+``test_postgresql_restart_under_load`` stops and starts the whole cluster (root and ``pg_ctlcluster`` only)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from conftest import POSTGRES_ENV, _postgres_database, indexed_count, read_back, scu_store
@@ -35,9 +39,10 @@ def _cut_connections(admin, database: str) -> int:
                                      "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).all())
 
 
-def test_postgresql_connections_cut_under_load(running_node, postgres_url):
-    node = running_node(database_url=postgres_url)
-    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+@contextmanager
+def _storing(node) -> Iterator[dict[str, int]]:
+    """Two SCUs storing fresh CT instances in batches of 5 until the block ends; yields (and keeps filling)
+    SOP Instance UID -> C-STORE status.  A sender's exception fails the test when the block ends."""
     outcomes: dict[str, int] = {}
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -55,16 +60,25 @@ def test_postgresql_connections_cut_under_load(running_node, postgres_url):
     for sender in senders:
         sender.start()
     try:
-        cut = 0
-        for _ in range(8):
-            time.sleep(0.3)
-            cut += _cut_connections(admin, make_url(postgres_url).database)
+        yield outcomes
     finally:
         stop.set()
         for sender in senders:
             sender.join(60)
-        admin.dispose()
     assert not errors, errors
+
+
+def test_postgresql_connections_cut_under_load(running_node, postgres_url):
+    node = running_node(database_url=postgres_url)
+    admin = create_engine(make_url(postgres_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with _storing(node) as outcomes:
+            cut = 0
+            for _ in range(8):
+                time.sleep(0.3)
+                cut += _cut_connections(admin, make_url(postgres_url).database)
+    finally:
+        admin.dispose()
     assert cut > 0
     assert set(outcomes.values()) <= {0x0000, 0xA700}, {hex(s) for s in outcomes.values()}
     # The node recovered by itself: a store now succeeds.
@@ -111,3 +125,57 @@ def test_sqlite_index_locked_by_another_process(running_node):
         assert indexed_count(archive) == 2  # the refused instances are not in the index
     finally:
         archive.close()
+
+
+def _cluster_of(url: str) -> str | None:
+    """The ``pg_ctlcluster`` version of the local cluster on ``url``'s port, when it can be restarted here."""
+    if os.geteuid() != 0 or not shutil.which("pg_ctlcluster"):
+        return None
+    port = str(make_url(url).port or 5432)
+    listing = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True).stdout
+    return next((line.split()[0] for line in listing.splitlines() if line.split()[2:3] == [port]), None)
+
+
+def test_postgresql_restart_under_load(running_node, postgres_url):
+    """The PostgreSQL cluster itself stopped (fast: every client disconnected) and started again while two
+    SCUs store: no Success without the index (A7xx while it is down), and the node stores again by itself
+    once it is back.  Needs root and ``pg_ctlcluster`` (CI has both); other runs on the cluster see the
+    outage too."""
+    version = _cluster_of(postgres_url)
+    if version is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the PostgreSQL restart test: needs root, pg_ctlcluster and a local cluster")
+        pytest.skip("restarting PostgreSQL needs root, pg_ctlcluster and a local cluster on the test URL's port")
+    node = running_node(database_url=postgres_url)
+    assert [s.Status for s in scu_store(node, [_ct()])] == [0]
+    with _storing(node) as outcomes:
+        try:
+            time.sleep(0.5)
+            subprocess.run(["pg_ctlcluster", version, "main", "stop", "--mode", "fast"], check=True, timeout=60)
+            down = len(outcomes)
+            for _ in range(100):  # a few stores answered while it is down (bounded: a hung node fails below)
+                if len(outcomes) >= down + 4:
+                    break
+                time.sleep(0.2)
+        finally:
+            subprocess.run(["pg_ctlcluster", version, "main", "start"], check=True, timeout=60)
+    refused = [status for status in outcomes.values() if status]
+    assert refused, "no C-STORE arrived while PostgreSQL was down"
+    assert all(0xA700 <= status <= 0xA7FF for status in refused), {hex(s) for s in refused}
+    after = _ct()  # the node stores again by itself (its pool reconnects), without a restart
+    statuses = []
+    for _ in range(20):
+        statuses = [int(s.Status) for s in scu_store(node, [after])]
+        if statuses == [0]:
+            break
+        time.sleep(0.5)
+    assert statuses == [0], node.log()[-2000:]
+    archive = read_back(node.data_dir, postgres_url)
+    try:
+        for uid in [uid for uid, status in outcomes.items() if status == 0] + [after.SOPInstanceUID]:
+            with archive.open_instance(uid):  # never Success without the index
+                pass
+    finally:
+        archive.close()
+    print(f"PostgreSQL {version} restarted under load: {len(outcomes)} C-STOREs, "
+          f"{len(outcomes) - len(refused)} Success, {len(refused)} A7xx")
