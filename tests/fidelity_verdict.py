@@ -28,7 +28,7 @@ EXPECTED_STORE_REFUSALS: dict[str, str] = {
     "pydicom/JPEGLSNearLossless_16.dcm": "StudyInstanceUID is missing",
     "pydicom/SC_rgb_jls_lossy_line.dcm": "StudyInstanceUID is missing",
     "pydicom/SC_rgb_jls_lossy_sample.dcm": "StudyInstanceUID is missing",
-    "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "SOPClassUID is missing",
+    "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "has no Sequence Delimitation Item",
     "pydicom-data/bad_sequence.dcm": "SOP UIDs are not valid UIDs",
     "pydicom/badVR.dcm": "NumberOfFrames is not a number",
     # Datasets without SOP Class UID, sent with the UIDs of their file meta.

@@ -63,7 +63,7 @@ EXPECTED_REJECTIONS: dict[str, tuple[type[dcbs.InvalidDatasetError], str]] = {
     "SC_rgb_jls_lossy_sample.dcm": (dcbs.InvalidDatasetError, "StudyInstanceUID is missing"),
     "UN_sequence.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "empty_charset_LEI.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
-    "emri_small_jpeg_2k_lossless_too_short.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
+    "emri_small_jpeg_2k_lossless_too_short.dcm": (dcbs.InvalidDatasetError, "has no Sequence Delimitation Item"),
     "meta_missing_tsyntax.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "nested_priv_SQ.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),
     "no_meta_group_length.dcm": (dcbs.InvalidDatasetError, "SOPClassUID is missing"),

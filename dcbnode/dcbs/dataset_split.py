@@ -112,6 +112,10 @@ def split_dataset(data: bytes | memoryview, *, transfer_syntax: str | None = Non
         raise InvalidDatasetError("pixel data element could not be located in the stream")
     if encoding == EXPLICIT_LE:
         header, suffix = _slice_explicit(body, pixel_element)
+        # Sliced as received, so checked here: every sequence and item must hold together (lengths that
+        # fit, delimiters present), or a malformed data set would be stored and served as it came.
+        parse(header, EXPLICIT_LE)
+        parse(suffix, EXPLICIT_LE)
     else:
         header, suffix = _transcoded(body, encoding, pixel_tag)
     return SplitDataset(dataset, syntax, file_meta, header, suffix, _spans(header),
