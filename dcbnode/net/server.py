@@ -174,8 +174,10 @@ class Node:
             _stop_dul(assoc, deadline)
         for assoc in associations:
             # The AcceptorThread notices its DUL thread ended and returns (or is still in a handler
-            # past the grace; it is a daemon thread, nothing waits for it at exit).
-            assoc.join(max(0.0, deadline - time.monotonic()))
+            # past the grace; it is a daemon thread, nothing waits for it at exit). One accepted just as
+            # the stop began may not have started its thread yet: nothing to wait for.
+            if assoc.ident is not None:
+                assoc.join(max(0.0, deadline - time.monotonic()))
         # A handler that overran the grace may still be writing: give it the rest of the close time
         # before the caller closes the archive.
         self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
