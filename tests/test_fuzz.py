@@ -38,13 +38,18 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ
 _VALID_STATUS = range(0x0000, 0x10000)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory) -> Iterator[RunningNode]:
-    started = start_node(tmp_path_factory.mktemp("fuzz"), association_request_timeout=1, network_timeout=2,
+def fuzzed_node(tmp_path_factory, name: str) -> Iterator[RunningNode]:
+    """A node with short timeouts for fuzzing, which must still be alive, and stop cleanly, at the end."""
+    started = start_node(tmp_path_factory.mktemp(name), association_request_timeout=1, network_timeout=2,
                          dimse_timeout=5, max_associations=20)
     yield started
     assert started.process.poll() is None, f"the node died\n{started.log()[-3000:]}"
     assert stop_node(started) == 0
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> Iterator[RunningNode]:
+    yield from fuzzed_node(tmp_path_factory, "fuzz")
 
 
 def _alive(node: RunningNode) -> None:

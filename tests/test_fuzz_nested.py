@@ -17,13 +17,13 @@ from collections.abc import Iterator
 
 import pydicom
 import pytest
-from conftest import RunningNode, read_back, rebuilt_part10, start_node, stop_node
+from conftest import RunningNode, read_back, rebuilt_part10
 from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import encode
-from test_fuzz import _VALID_STATUS, FUZZ, _alive, store_raw
+from test_fuzz import _VALID_STATUS, FUZZ, _alive, fuzzed_node, store_raw
 
 _SEQUENCE_TAG = (0x0008, 0x1140)  # Referenced Image Sequence: the outermost sequence
 _NESTED_TAG = (0x0040, 0xA730)  # Content Sequence: the nested ones
@@ -95,11 +95,7 @@ def _data_set_bytes(part10: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> Iterator[RunningNode]:
-    started = start_node(tmp_path_factory.mktemp("fuzz-nested"), association_request_timeout=1, network_timeout=2,
-                         dimse_timeout=5, max_associations=20)
-    yield started
-    assert started.process.poll() is None, f"the node died\n{started.log()[-3000:]}"
-    assert stop_node(started) == 0
+    yield from fuzzed_node(tmp_path_factory, "fuzz-nested")
 
 
 _SENT: dict[str, bytes] = {}
