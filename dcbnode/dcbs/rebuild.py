@@ -129,7 +129,10 @@ def rebuild(meta: InstanceMeta, blobs: InstanceBlobs, frames: FrameSource, synta
         tag, vr, value = _native_pixels(meta, blobs, frames, planar)
         pixel = _native_element(tag, vr, value, target, image)
     recompute = syntax != meta.received_syntax or header is not blobs.header
-    dataset = _encode(header, pixel, blobs.suffix, syntax, recompute_group_lengths=recompute)
+    # (7FE0,0000) has a span when the header holds one: only then is the output header walked for it.
+    pixel_group_length = recompute and bool(pixel) and span_key(_PIXEL_GROUP_LENGTH) in meta.spans
+    dataset = _encode(header, pixel, blobs.suffix, syntax, recompute_group_lengths=recompute,
+                      pixel_group_length=pixel_group_length)
     return RebuiltInstance(syntax, _file_meta(meta, blobs, syntax), dataset)
 
 
@@ -206,14 +209,14 @@ def _file_meta(meta: InstanceMeta, blobs: InstanceBlobs, syntax: UID) -> bytes:
 
 
 def _encode(header: bytes, pixel_element: Sequence[_Buffer], suffix: bytes, syntax: UID, *,
-            recompute_group_lengths: bool) -> bytes:
+            recompute_group_lengths: bool, pixel_group_length: bool = False) -> bytes:
     """Join the parts in ``syntax``'s encoding (the pixel data element comes in pieces: the whole instance
     is copied once), with the Group Lengths recomputed for the new bytes when asked."""
     target = encoding_of(syntax)
     if target != EXPLICIT_LE or recompute_group_lengths:
         header = transcode(header, EXPLICIT_LE, target, recompute_group_lengths=recompute_group_lengths)
         suffix = transcode(suffix, EXPLICIT_LE, target, recompute_group_lengths=recompute_group_lengths)
-        if recompute_group_lengths and pixel_element:
+        if pixel_group_length:
             header = _with_pixel_group_length(header, sum(len(part) for part in pixel_element), suffix, target)
     dataset = b"".join((header, *pixel_element, suffix))
     if syntax == DeflatedExplicitVRLittleEndian:
