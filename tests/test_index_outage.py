@@ -3,12 +3,17 @@ the node's database terminated, again and again, while C-STOREs arrive): each C-
 only once indexed, otherwise A700 (the sender retries); the node recovers by itself, without a restart.
 
 The test database is the node's own (a fresh one per test), so the first test cuts only its connections;
-``test_postgresql_restart_under_load`` stops and starts the whole cluster (root and ``pg_ctlcluster`` only)."""
+``test_postgresql_restart_under_load`` stops and starts the whole cluster (root and ``pg_ctlcluster`` only).
+``test_workers_that_cannot_reach_the_index_back_off_and_the_node_says_so``: workers that die while the
+index refuses connections cannot start again; they are restarted with a growing pause, the node says that
+it cannot serve, and serves again by itself once the index is back."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -17,12 +22,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import POSTGRES_ENV, _postgres_database, indexed_count, read_back, scu_store
+from conftest import POSTGRES_ENV, _postgres_database, indexed_count, read_back, scu_store, wait_until
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from test_hostile_identifiers import _ct
+from test_service import NotifyListener, path_listener  # noqa: F401 - the fixture, used by name
 
 
 @pytest.fixture
@@ -179,3 +185,68 @@ def test_postgresql_restart_under_load(running_node, postgres_url):
         archive.close()
     print(f"PostgreSQL {version} restarted under load: {len(outcomes)} C-STOREs, "
           f"{len(outcomes) - len(refused)} Success, {len(refused)} A7xx")
+
+
+def _notifications(listener: NotifyListener) -> list[str]:
+    """The datagrams the node sent to the notify socket since the last call."""
+    received = []
+    listener.sock.setblocking(False)
+    try:
+        while True:
+            received.append(listener.sock.recv(65536).decode())
+    except BlockingIOError:
+        return received
+    finally:
+        listener.sock.settimeout(2.0)
+
+
+def test_workers_that_cannot_reach_the_index_back_off_and_the_node_says_so(postgres_url, path_listener,  # noqa: F811
+                                                                          running_node):
+    """Both workers die (``kill -9``) while the index database refuses every connection
+    (``ALLOW_CONNECTIONS false``, its backends terminated): each restart fails at once, and the next one
+    waits 1 s, 2 s, 4 s…; once every worker has failed three times in a row the node logs that it cannot
+    serve and says so in its systemd status; with the database back, a worker starts, the node says so,
+    and a C-STORE succeeds, without a restart of the node.  The compressor, which keeps running, says
+    once that it pauses (no traceback every round) and once that it resumes."""
+    node = running_node(database_url=postgres_url, workers=2)
+    assert [s.Status for s in scu_store(node, [_ct()])] == [0]
+    database = make_url(postgres_url).database
+    admin = create_engine(make_url(os.environ[POSTGRES_ENV]), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+        try:
+            _cut_connections(admin, database)
+            for pid in re.findall(r"started w\d+ \(pid (\d+)\)", node.log()):
+                os.kill(int(pid), signal.SIGKILL)
+            assert wait_until(lambda: "no worker can serve" in node.log(), timeout=120), node.log()[-3000:]
+            log = node.log()
+            for worker in ("w1", "w2"):
+                pauses = re.findall(rf"{worker} \(pid \d+\) died: (?:killed by SIGKILL|exit status 1), [\d.]+ s after "
+                                    r"its start(?:, before it was ready)?; restarting it in (\d+) s", log)
+                assert pauses[:3] == ["1", "2", "4"], (worker, pauses)
+                assert (f"{worker} cannot start: index database unavailable: "
+                        f'connection failed: ') in log and "is not currently accepting connections" in log
+            assert "all 2 worker(s) failed 3 or more times in a row" in log
+            assert ("STATUS=not serving: every worker fails at start (see the log); retrying"
+                    in _notifications(path_listener))
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+    finally:
+        admin.dispose()
+    # The pause is at most 30 s: a worker is back well within this bound.
+    assert wait_until(lambda: "a worker serves again" in node.log(), timeout=120), node.log()[-3000:]
+    assert f"STATUS=accepting associations on port {node.port}" in "\n".join(_notifications(path_listener))
+    assert wait_until(lambda: "deferred compression resumed" in node.log(), timeout=30), node.log()[-3000:]
+    log = node.log()
+    assert log.count("deferred compression paused: index database unavailable") == 1, log[-5000:]
+    assert "Traceback" not in log, log[-5000:]
+    after = _ct()
+    assert [s.Status for s in scu_store(node, [after])] == [0]
+    archive = read_back(node.data_dir, postgres_url)
+    try:
+        with archive.open_instance(after.SOPInstanceUID):
+            pass
+    finally:
+        archive.close()

@@ -20,7 +20,10 @@ import os
 import threading
 import time
 
+from sqlalchemy.exc import DBAPIError
+
 from ..dcbs import DcbsError
+from ..index.database import OutageNotice
 from ..index.writer import clear_compression_pending, compression_pending
 from .archive import Archive
 from .compaction import compact_volume
@@ -78,12 +81,16 @@ class Compressor:
     def _run(self) -> None:
         with contextlib.suppress(OSError):  # not permitted here: run at normal priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+        outage = OutageNotice(log, "deferred compression")
         while not self._stopping.wait(min(1.0, max(self.delay / 4, 0.05))):
             self._retry_failed()
             try:
                 if self.watch_index:
                     self.note_from_index()
                 self.run_once()
+                outage.succeeded()
+            except DBAPIError as exc:  # the index is down: said once, not a traceback every round
+                outage.failed(exc)
             except Exception:  # never let the thread die: the next round tries again
                 log.exception("deferred compression failed")
 

@@ -134,6 +134,7 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
 
     from ..archive import Archive
     from ..archive.node_lock import DataDirError, NodeLock, prepare_data_dir
+    from ..index.database import reason
     from ..index.schema import SchemaError
 
     try:
@@ -166,8 +167,7 @@ def _serve(config: Config, overrides: dict[str, object], signals: _Signals) -> i
             log.error("%s", error)
             return EXIT_CONFIG
         except DBAPIError as exc:  # e.g. PostgreSQL not (yet) up: exit 1, systemd starts the node again
-            reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
-            log.error("cannot open the index %s: %s", node_cfg.redacted_database_url, reason)
+            log.error("cannot open the index %s: %s", node_cfg.redacted_database_url, reason(exc))
             return EXIT_FAILURE
         try:
             # Before recovery, which can take minutes: a taken port is reported now.

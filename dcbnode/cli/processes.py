@@ -9,17 +9,23 @@
   which volumes wait from the index.
 
 The main process sends the systemd notifications, forwards SIGTERM and SIGHUP to every child, and
-restarts a child that dies (after a second if it died within seconds of its start, so that one that
-cannot start does not spin); a dead worker's associations are gone with it (its peers see the connection
+restarts a child that dies; a dead worker's associations are gone with it (its peers see the connection
 drop), and nothing it acknowledged is lost: a Success is sent only after the fsync and the index commit.
 Children die with the main process (``PR_SET_PDEATHSIG``).  Every process logs to the same stderr, its
 lines tagged ``[main]``, ``[w1]``…, ``[compress]``.
+
+Restarts back off: a child that had been serving for :data:`_STABLE` seconds is restarted at once; one
+that dies sooner (or before it was ready: its start failed, e.g. the index database is unreachable) waits
+1 s, then 2, 4, 8, 16 and at most :data:`_MAX_PAUSE` seconds for each further failure in a row.  Each
+restart is one log line.  When no worker serves and every one has failed :data:`_FAILING` times in a
+row, the node says so once (an ERROR line and the systemd status), and again once a worker serves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import signal
 import time
@@ -27,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import service_notify
 from ..config import Config, ConfigError, load_config
 from ..lifetime import die_with_parent
 from ..net.slots import AssociationSlots
@@ -39,9 +46,12 @@ log = logging.getLogger("dcbnode")
 #: The signals every process of the node takes with sigwait (blocked in all of them).
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 CHILD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
-#: A child that dies sooner than this after its start is restarted only after :data:`_RESTART_PAUSE`.
-_QUICK_DEATH = 5.0
-_RESTART_PAUSE = 1.0
+#: A child ready (serving) for this long is restarted at once if it dies, and its failures are forgotten.
+_STABLE = 30.0
+#: The pause before restarting a child after its first failure in a row; it doubles up to _MAX_PAUSE.
+_FIRST_PAUSE, _MAX_PAUSE = 1.0, 30.0
+#: Failures in a row of every worker, none serving, after which the node reports that it cannot serve.
+_FAILING = 3
 #: Helper processes per worker that rebuild retrieved instances (dcbnode.net.rebuild_pool).
 _REBUILD_HELPERS = 1
 #: After the stop grace, how long the main process waits for its children before it kills them.
@@ -51,10 +61,18 @@ _STOP_MARGIN = 10.0
 @dataclass
 class _Child:
     name: str  #: "w1", "w2", … or "compress"
-    start: Callable[[], int]  #: the child's body; its return value is the exit status
+    #: the child's body, given a function to call once it serves; its return value is the exit status
+    start: Callable[[Callable[[], None]], int]
+    slot: int  #: its byte in the supervisor's table of ready flags
     pid: int = 0
     started: float = 0.0
+    ready_since: float | None = None  #: when the main process first saw it ready (None: not yet)
+    failures: int = 0  #: deaths in a row before it had served for _STABLE seconds
     restart_at: float | None = None
+
+    @property
+    def is_worker(self) -> bool:
+        return self.name.startswith("w")
 
 
 class Supervisor:
@@ -65,10 +83,14 @@ class Supervisor:
         self.config = config
         self.overrides = overrides
         self.slots = slots
-        workers = [_Child(f"w{number + 1}", _worker_body(number, config, overrides, listening, slots))
+        self._listening = listening
+        workers = [_Child(f"w{number + 1}", _worker_body(number, config, overrides, listening, slots), number)
                    for number in range(slots.workers)]
-        self._children = [*workers, _Child("compress", _compressor_body(config))]
+        self._children = [*workers, _Child("compress", _compressor_body(config), len(workers))]
+        #: one byte per child, shared over fork: the child sets it once it serves
+        self._ready = mmap.mmap(-1, len(self._children))
         self._stopping = False
+        self._down = False  #: the node said that no worker can serve
 
     def start(self) -> None:
         """Start every child."""
@@ -76,8 +98,9 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        child.restart_at = None
+        child.restart_at = child.ready_since = None
         child.started = time.monotonic()
+        self._ready[child.slot] = 0
         pid = os.fork()
         if pid == 0:  # the child: never returns into the main process's code
             status = 1
@@ -86,14 +109,18 @@ class Supervisor:
                 from ..net.logging_setup import configure_logging
 
                 configure_logging(self.config.node.log_level, child.name)
-                status = child.start()
-            except BaseException:
-                logging.getLogger("dcbnode").exception("%s failed", child.name)
+                status = child.start(lambda: self._mark_ready(child))
+            except BaseException as exc:
+                _log_failure(child.name, exc)
             finally:
                 logging.shutdown()
                 os._exit(status)
         child.pid = pid
         log.info("started %s (pid %d)", child.name, pid)
+
+    def _mark_ready(self, child: _Child) -> None:
+        """In the child: it serves now."""
+        self._ready[child.slot] = 1
 
     def reap(self) -> None:
         """Collect the children that ended; restart them unless the node is stopping."""
@@ -107,28 +134,74 @@ class Supervisor:
             child = next((c for c in self._children if c.pid == pid), None)
             if child is None:
                 continue
+            self._note_ready(child, time.monotonic())  # it may have become ready since the last look
             child.pid = 0
-            if child.name.startswith("w"):
-                self.slots.reset(int(child.name[1:]) - 1)  # its associations are gone with it
+            if child.is_worker:
+                self.slots.reset(child.slot)  # its associations are gone with it
             if self._stopping:
                 log.info("%s (pid %d) ended: %s", child.name, pid, _describe(status))
                 continue
-            quick = time.monotonic() - child.started < _QUICK_DEATH
-            child.restart_at = time.monotonic() + (_RESTART_PAUSE if quick else 0.0)
-            log.error("%s (pid %d) died: %s; restarting it", child.name, pid, _describe(status))
+            self._schedule_restart(child, pid, status)
+        self._report_serving()
+
+    def _schedule_restart(self, child: _Child, pid: int, status: int) -> None:
+        """Decide when a dead child starts again (see the module's docstring), and log it in one line."""
+        now = time.monotonic()
+        ready = child.ready_since is not None
+        if child.ready_since is not None and now - child.ready_since >= _STABLE:
+            child.failures = 0
+            pause, when = 0.0, "now"
+        else:
+            child.failures += 1
+            pause = min(_FIRST_PAUSE * 2 ** (child.failures - 1), _MAX_PAUSE)
+            when = f"in {pause:.0f} s (failure {child.failures} in a row)"
+        child.restart_at = now + pause
+        log.error("%s (pid %d) died: %s, %.1f s after its start%s; restarting it %s", child.name, pid,
+                  _describe(status), now - child.started, "" if ready else ", before it was ready", when)
 
     def restart_due(self) -> float | None:
-        """Restart the children whose time has come; seconds until the next one is due (None: none)."""
+        """Restart the children whose time has come, and notice those that now serve; seconds until the
+        next restart is due (None: none)."""
         now = time.monotonic()
         waits = []
         for child in self._children:
+            if child.pid:
+                self._note_ready(child, now)
             if child.restart_at is None or self._stopping:
                 continue
             if child.restart_at <= now:
                 self._spawn(child)
             else:
                 waits.append(child.restart_at - now)
+        self._report_serving()
         return min(waits, default=None)
+
+    def _note_ready(self, child: _Child, now: float) -> None:
+        """Record when a child was first seen ready, and forget its failures once it has served
+        for :data:`_STABLE` seconds."""
+        if child.ready_since is None and self._ready[child.slot]:
+            child.ready_since = now
+            if child.failures:
+                log.info("%s (pid %d) is ready again after %d failure(s) in a row", child.name, child.pid,
+                         child.failures)
+        if child.ready_since is not None and now - child.ready_since >= _STABLE:
+            child.failures = 0
+
+    def _report_serving(self) -> None:
+        """Say once when no worker can serve (every one failing again and again), and once when one does
+        again: in the log and in the systemd status."""
+        workers = [child for child in self._children if child.is_worker]
+        serving = any(child.pid and child.ready_since is not None for child in workers)
+        if not self._down and not serving and all(child.failures >= _FAILING for child in workers):
+            self._down = True
+            log.error("no worker can serve: all %d worker(s) failed %d or more times in a row (their errors are "
+                      "logged above, e.g. the index database is unreachable); associations wait unanswered "
+                      "until one starts; retrying every %.0f s at most", len(workers), _FAILING, _MAX_PAUSE)
+            service_notify.status("not serving: every worker fails at start (see the log); retrying")
+        elif self._down and serving:
+            self._down = False
+            log.info("a worker serves again: accepting associations on %s", self._listening.describe())
+            service_notify.status(f"accepting associations on {self._listening.describe()}")
 
     def reload(self) -> bool:
         """SIGHUP: check the configuration file, then have every worker take [peers] and [access] from it.
@@ -144,7 +217,7 @@ class Supervisor:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", error)
             return False
         for child in self._children:
-            if child.pid and child.name.startswith("w"):
+            if child.pid and child.is_worker:
                 _kill(child.pid, signal.SIGHUP)
         log.info("SIGHUP: reloaded [peers] (%d) and [access] (allowed calling AEs: %s)", len(fresh.peers),
                  ", ".join(fresh.access.allowed_calling_aets) or "any")
@@ -188,9 +261,21 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
+def _log_failure(name: str, exc: BaseException) -> None:
+    """A child's last words: one line for an index database it cannot reach, the traceback otherwise."""
+    from sqlalchemy.exc import DBAPIError
+
+    from ..index.database import reason
+
+    if isinstance(exc, DBAPIError):
+        log.error("%s cannot start: index database unavailable: %s", name, reason(exc))
+    else:
+        log.exception("%s failed", name)
+
+
 def _worker_body(number: int, config: Config, overrides: dict[str, object], listening: Listeners,
-                 slots: AssociationSlots) -> Callable[[], int]:
-    def body() -> int:
+                 slots: AssociationSlots) -> Callable[[Callable[[], None]], int]:
+    def body(ready: Callable[[], None]) -> int:
         from ..archive import Archive
         from ..net.context import NodeContext
         from ..net.listener import AssociationLimit
@@ -206,6 +291,7 @@ def _worker_body(number: int, config: Config, overrides: dict[str, object], list
         node = Node(NodeContext(config=config, archive=archive, rebuilds=rebuilds), AssociationLimit(slots, number))
         try:
             node.start(listening)
+            ready()
             while signal.sigwait(CHILD_SIGNALS) == signal.SIGHUP:
                 _reload_worker(node, overrides)
         finally:
@@ -229,8 +315,8 @@ def _reload_worker(node: object, overrides: dict[str, object]) -> None:
         log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", error)
 
 
-def _compressor_body(config: Config) -> Callable[[], int]:
-    def body() -> int:
+def _compressor_body(config: Config) -> Callable[[Callable[[], None]], int]:
+    def body(ready: Callable[[], None]) -> int:
         from ..archive import Archive
         from ..archive.compressor import NICENESS, Compressor
 
@@ -241,6 +327,7 @@ def _compressor_body(config: Config) -> Callable[[], int]:
                           index_busy_timeout=node_cfg.index_busy_timeout)
         compressor = Compressor(archive, node_cfg.compression_delay, watch_index=True)
         compressor.start()
+        ready()
         try:
             signal.sigwait(STOP_SIGNALS)
         finally:

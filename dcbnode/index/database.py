@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +46,39 @@ def is_disk_full(exc: DBAPIError) -> bool:
     driver_error = exc.orig
     return (getattr(driver_error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             or getattr(driver_error, "sqlstate", None) == _PG_DISK_FULL)
+
+
+def reason(exc: DBAPIError) -> str:
+    """The driver's message of a database error on one line, for log lines and Error Comments."""
+    return " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+
+
+class OutageNotice:
+    """For a background loop that uses the index and tries again: an unreachable index is logged once
+    (one line, not a traceback every round), and once more when it works again."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        """``what`` names the loop in the lines, e.g. "deferred compression"."""
+        self._log = logger
+        self._what = what
+        self._lock = threading.Lock()
+        self._down = False
+
+    def failed(self, exc: DBAPIError) -> None:
+        """A round failed on the index database."""
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+        self._log.error("%s paused: index database unavailable: %s; retrying", self._what, reason(exc))
+
+    def succeeded(self) -> None:
+        """A round reached the index database."""
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+        self._log.info("%s resumed: the index database is reachable again", self._what)
 
 
 class Index:

@@ -31,9 +31,11 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+from sqlalchemy.exc import DBAPIError
 
 from ..archive.commitment import CommitmentQueue, CommitmentResult, PendingCommitment, Reference, assess
 from ..dcbs import is_valid_uid
+from ..index.database import OutageNotice
 from .access import operation_refusal
 from .context import NodeContext
 from .store_scp import status
@@ -242,6 +244,7 @@ class CommitmentService:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        outage = OutageNotice(log, "storage commitment delivery")
         while not self._stopping.is_set():
             self._wake.wait(_POLL_SECONDS)
             self._wake.clear()
@@ -250,6 +253,9 @@ class CommitmentService:
                     if self._stopping.is_set():
                         return
                     self.deliver(request_id)
+                outage.succeeded()
+            except DBAPIError as exc:  # the index is down: said once, not a traceback every round
+                outage.failed(exc)
             except Exception:  # never let the thread die: the next round tries again
                 log.exception("storage commitment delivery failed")
 

@@ -27,6 +27,7 @@ from ..dcbs import (
     is_valid_uid,
 )
 from ..dcbs.file_meta import received_file_meta
+from ..index.database import reason
 from .access import operation_refusal
 from .context import NodeContext
 
@@ -163,8 +164,7 @@ def _store(event: Event, context: NodeContext, requested_uid: str, syntax: UID, 
         # strerror is the C library's text for a person ("Permission denied"); str(exc) is Python's.
         return status(INTERNAL_ERROR, f"archive I/O error: {exc.strerror}" if exc.strerror else _SEE_LOG)
     except DBAPIError as exc:  # the index database is unreachable, restarting, locked: nothing was kept
-        log.error("index database unavailable while storing %s: %s", requested_uid,
-                  " ".join(str(exc.orig).split()) or type(exc.orig).__name__)
+        log.error("index database unavailable while storing %s: %s", requested_uid, reason(exc))
         return status(OUT_OF_RESOURCES, "index database unavailable; retry later")
     except Exception:
         log.exception("unexpected error while storing %s", requested_uid)
