@@ -28,6 +28,7 @@ __all__ = [
     "Target",
     "TargetFactory",
     "load_average",
+    "machine_busy_seconds",
     "machine_info",
     "print_table",
     "series_info",
@@ -64,6 +65,15 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``: all but idle and
+    iowait).  The difference over a run is what the peer under test *and* its senders/receivers used
+    together: on a machine whose cores are saturated, that per instance is what bounds the rate."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def series_info(files: Sequence[Path]) -> dict[str, Any]:
     """Study/Series UIDs, count and size of a one-series file list."""
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
@@ -78,26 +88,33 @@ def series_info(files: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def summarize(name: str, rates: Sequence[float], seconds: Sequence[float]) -> dict[str, Any]:
-    """One result row: every run plus median/best."""
-    return {
+def summarize(name: str, rates: Sequence[float], seconds: Sequence[float],
+              cpu_ms: Sequence[float] = ()) -> dict[str, Any]:
+    """One result row: every run plus median/best; ``cpu_ms``: the machine's busy CPU milliseconds per
+    instance of each run (:func:`machine_busy_seconds`), when measured."""
+    row = {
         "target": name,
         "median_per_s": round(statistics.median(rates), 1),
         "best_per_s": round(max(rates), 1),
         "runs_per_s": [round(r, 1) for r in rates],
         "runs_s": [round(s, 3) for s in seconds],
     }
+    if cpu_ms:
+        row["machine_cpu_ms_per_instance"] = round(statistics.median(cpu_ms), 2)
+        row["runs_machine_cpu_ms"] = [round(c, 2) for c in cpu_ms]
+    return row
 
 
 def print_table(title: str, rows: Sequence[dict[str, Any]], mb_per_instance: float) -> None:
     """Plain-text table of result rows."""
     print(f"\n{title}")
-    print(f"{'target':<28} {'median/s':>9} {'best/s':>9} {'MB/s':>7}  runs/s")
+    print(f"{'target':<28} {'median/s':>9} {'best/s':>9} {'MB/s':>7} {'cpu ms':>7}  runs/s")
     for row in rows:
         runs = " ".join(f"{r:.0f}" for r in row["runs_per_s"])
         mbs = row["median_per_s"] * mb_per_instance
         rates = f"{row['median_per_s']:>9.1f} {row['best_per_s']:>9.1f}"
-        print(f"{row['target']:<28} {rates} {mbs:>7.1f}  {runs}")
+        cpu = row.get("machine_cpu_ms_per_instance")
+        print(f"{row['target']:<28} {rates} {mbs:>7.1f} {'' if cpu is None else f'{cpu:.2f}':>7}  {runs}")
 
 
 def write_results(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:

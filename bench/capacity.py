@@ -10,7 +10,9 @@
    compressed volumes, ``bench/retrieve_rate.py``) and from Orthanc (loaded by 4 storescu first); per round
    each source is started, loaded (untimed), warmed up once and timed once.  Target: dcbnode ≥ 1.0× both.
 
-The load average is recorded before every round (the 2-core VM is shared).  Orthanc is located by
+Each run also records the machine's busy CPU milliseconds per instance (every process: the peer under
+test *and* its storescu/getscu), the "cpu ms" column: on a machine whose cores are saturated that, not the
+peer's design, bounds the rate.  The load average is recorded before every round (the 2-core VM is shared).  Orthanc is located by
 ``bench/orthanc.py``; without it the Orthanc rows are left out and the run says so.
 
 ``--series N`` makes the store section send N series of ``count / N`` slices instead (storescu ``i`` of
@@ -113,13 +115,14 @@ def get_section(files: Sequence[Path], repeats: int, have_orthanc: bool,
         **({"orthanc": orthanc_source()} if have_orthanc else {}),
     }
     seconds: dict[str, list[float]] = {name: [] for name in sources}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in sources}
     for round_number in range(1, repeats + 1):
         loads.append(load_average())
         for name, factory in sources.items():
-            measure_get_rate(factory, files, repeats=1, seconds_out=seconds[name])
+            measure_get_rate(factory, files, repeats=1, seconds_out=seconds[name], cpu_ms_out=cpu_ms[name])
         print(f"  round {round_number} (load {loads[-1]}): " + ", ".join(
             f"{name} {len(files) / runs[-1]:.1f}/s" for name, runs in seconds.items()), flush=True)
-    return [summarize(name, [len(files) / s for s in runs], runs) for name, runs in seconds.items()]
+    return [summarize(name, [len(files) / s for s in runs], runs, cpu_ms[name]) for name, runs in seconds.items()]
 
 
 def store_files(count: int, series: int) -> list[Path]:

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``tests`` i
 from bench._benchlib import (
     SourceFactory,
     Target,
+    machine_busy_seconds,
     machine_info,
     print_table,
     series_info,
@@ -70,16 +71,20 @@ def series_keys(files: Sequence[Path]) -> dict[str, str]:
 
 
 def get_once(
-    target: Target, keys: Mapping[str, str], expected: int, getscu_args: Sequence[str] = GETSCU_ARGS
+    target: Target, keys: Mapping[str, str], expected: int, getscu_args: Sequence[str] = GETSCU_ARGS,
+    cpu_ms_out: list[float] | None = None,
 ) -> float:
-    """One C-GET into a fresh temp dir; return getscu's wall seconds. Raises unless exactly ``expected``
+    """One C-GET into a fresh temp dir; return getscu's wall seconds (and append the machine's busy CPU ms
+    per instance meanwhile, getscu included, to ``cpu_ms_out``). Raises unless exactly ``expected``
     instances arrived and getscu exited 0."""
     host, port, aet = target
     tmp = Path(tempfile.mkdtemp(prefix="bench-getscu-"))
     try:
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), machine_busy_seconds()
         result = run_getscu(host, port, aet, tmp, keys, extra_args=getscu_args)
         elapsed = time.perf_counter() - start
+        if cpu_ms_out is not None:
+            cpu_ms_out.append((machine_busy_seconds() - busy) * 1000 / expected)
         got = sum(1 for p in tmp.iterdir() if p.is_file())
         if result.returncode != 0 or got != expected:
             raise RuntimeError(
@@ -99,12 +104,14 @@ def measure_get_rate(
     warmup: bool = True,
     getscu_args: Sequence[str] = GETSCU_ARGS,
     seconds_out: list[float] | None = None,
+    cpu_ms_out: list[float] | None = None,
 ) -> float:
     """Instances/s for a SERIES-level ``getscu`` C-GET of ``files`` (one series) from the source.
 
     ``source_factory(files)`` must return a context manager that starts a Q/R SCP holding ``files`` and
     yields ``(host, port, aet)``; it is entered once for the warm-up and all ``repeats``. Returns the median;
-    each run's seconds are appended to ``seconds_out`` if given.
+    each run's seconds are appended to ``seconds_out`` if given (its machine CPU, see :func:`get_once`, to
+    ``cpu_ms_out``).
     """
     keys = series_keys(files)
     rates = []
@@ -112,7 +119,7 @@ def measure_get_rate(
         if warmup:
             get_once(target, keys, len(files), getscu_args)
         for _ in range(max(1, repeats)):
-            elapsed = get_once(target, keys, len(files), getscu_args)
+            elapsed = get_once(target, keys, len(files), getscu_args, cpu_ms_out)
             if seconds_out is not None:
                 seconds_out.append(elapsed)
             rates.append(len(files) / elapsed)

@@ -34,6 +34,7 @@ from bench._benchlib import (
     Target,
     TargetFactory,
     load_average,
+    machine_busy_seconds,
     machine_info,
     print_table,
     series_info,
@@ -124,18 +125,21 @@ def send_concurrently(target: Target, files: Sequence[Path], associations: int =
 
 def store_once(
     target_factory: TargetFactory, files: Sequence[Path], storescu_args: Sequence[str] = STORESCU_ARGS,
-    associations: int = 1,
+    associations: int = 1, cpu_ms_out: list[float] | None = None,
 ) -> float:
     """Start a target, send ``files`` over ``associations`` simultaneous storescu (one each), stop it; return
-    the seconds until the last storescu ended.
+    the seconds until the last storescu ended (and append the machine's busy CPU ms per instance meanwhile,
+    senders included, to ``cpu_ms_out``).
 
     Raises ``RuntimeError`` if a storescu fails (it halts with a non-zero exit at the first failed C-STORE)
     or the target's own check on exit fails.
     """
     with target_factory() as target:
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), machine_busy_seconds()
         send_concurrently(target, files, associations, storescu_args)
         elapsed = time.perf_counter() - start
+        if cpu_ms_out is not None:
+            cpu_ms_out.append((machine_busy_seconds() - busy) * 1000 / len(files))
     return elapsed
 
 
@@ -179,14 +183,16 @@ def run_benchmark(
     target name (default 1); the load average before each round is appended to ``loads_out``.
     Returns result rows (see ``bench._benchlib.summarize``)."""
     seconds: dict[str, list[float]] = {name: [] for name in targets}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in targets}
     for round_number in range(1, repeats + 1):
         if loads_out is not None:
             loads_out.append(load_average())
         for name, factory in targets.items():
-            seconds[name].append(store_once(factory, files, associations=(associations or {}).get(name, 1)))
+            seconds[name].append(store_once(factory, files, associations=(associations or {}).get(name, 1),
+                                            cpu_ms_out=cpu_ms[name]))
         print(f"  round {round_number} (load {load_average()}): " + ", ".join(f"{name} {len(files) / runs[-1]:.1f}/s"
                                                    for name, runs in seconds.items()), flush=True)
-    return [summarize(name, [len(files) / s for s in runs], runs) for name, runs in seconds.items()]
+    return [summarize(name, [len(files) / s for s in runs], runs, cpu_ms[name]) for name, runs in seconds.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
