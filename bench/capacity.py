@@ -12,8 +12,8 @@
 
 Each run also records the machine's busy CPU milliseconds per instance (every process: the peer under
 test *and* its storescu/getscu), the "cpu ms" column: on a machine whose cores are saturated that, not the
-peer's design, bounds the rate.  The load average is recorded before every round (the 2-core VM is shared).  Orthanc is located by
-``bench/orthanc.py``; without it the Orthanc rows are left out and the run says so.
+peer's design, bounds the rate.  The load average is recorded before every round (the 2-core VM is shared).
+Orthanc is located by ``bench/orthanc.py``; without it the Orthanc rows are left out and the run says so.
 
 ``--series N`` makes the store section send N series of ``count / N`` slices instead (storescu ``i`` of
 N sends series ``i`` alone): more associations then append to different volumes.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
 
 from ..dcbs import (
     DcbsError,
@@ -26,13 +27,13 @@ from ..dcbs import (
     VolumeFullError,
     VolumeNotFoundError,
     VolumeReplacedError,
-    append_instance,
+    append_instances,
     append_tombstone,
     parse_instance,
 )
 from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
-from ..index.attributes import LevelAttributeCache
+from ..index.attributes import IndexAttributes, LevelAttributeCache
 from ..index.database import DEFAULT_BUSY_TIMEOUT, is_disk_full
 from ..index.writer import (
     LevelCache,
@@ -47,6 +48,7 @@ from ..index.writer import (
     remove_instance,
     upsert_instance,
 )
+from .group_commit import Batch, GroupCommit
 from .pool import VolumePool
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class StoreOutcome(Enum):
     STORED = "stored"
     REPLACED = "replaced"  #: a duplicate replaced the earlier copy (policy "replace")
     DUPLICATE_IGNORED = "duplicate ignored"  #: a duplicate was discarded (policy "keep_first")
+
+
+#: an instance to commit, and the AE title it came from
+_Submission = tuple[EncodedInstance, str]
 
 
 class DuplicateInstanceError(DcbsError):
@@ -187,6 +193,8 @@ class Archive:
         #: volume stem → index path of its current generation (see _current_generation)
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
+        #: stores into one volume arriving together are committed together
+        self._group_commit: GroupCommit[str, _Submission, str | None] = GroupCommit(self._commit_batch)
         #: volumes with raw frames: those of the index, and those this process stores into
         self.pending = PendingVolumes(timed=compresses)
         if compresses:
@@ -244,9 +252,7 @@ class Archive:
         first_generation = volume_path_for(meta.series_instance_uid)
         for _ in range(_INDEX_ATTEMPTS):
             try:
-                _, previous = self._append(first_generation, lambda volume, relative: append_instance(
-                    volume, encoded, on_written=lambda location, wait_durable: self._index(
-                        encoded, relative, location, source_ae_title, wait_durable)))
+                previous = self._group_commit.submit(first_generation, (encoded, source_ae_title))
                 break
             except _DuplicateFound:  # stored already (a concurrent store may have won the race)
                 duplicate = self._duplicate(parsed)
@@ -282,36 +288,60 @@ class Archive:
         return StoreResult(StoreOutcome.DUPLICATE_IGNORED, parsed.sop_instance_uid, parsed.uids["SOPClassUID"],
                            parsed.split.received_length, 0)
 
+    def _commit_batch(self, first_generation: str, batch: Batch[_Submission]) -> list[str | BaseException | None]:
+        """Append, fsync and index ``batch`` (stores into one volume, see :mod:`.group_commit`) together;
+        returns each one's replaced copy's volume (or None), or the error its store must raise.
+
+        If the batch fails because one of its instances is stored already (or a level row was created
+        concurrently), it was cut back whole: each is then committed on its own, so that the outcome of
+        one is never another's.  Any other error (index unavailable, disk full) is every one's.
+        """
+        try:
+            return list(self._append_batch(first_generation, batch.first, batch.take))
+        except (_DuplicateFound, IntegrityError):
+            if len(batch.take()) == 1:
+                raise
+        outcomes: list[str | BaseException | None] = []
+        for submission in batch.take():
+            try:
+                outcomes.extend(self._append_batch(first_generation, submission, lambda one=submission: [one]))
+            except Exception as exc:  # handed to that instance's store, which raises it
+                outcomes.append(exc)
+        return outcomes
+
+    def _append_batch(self, first_generation: str, first: _Submission,
+                      gather: Callable[[], list[_Submission]]) -> list[str | None]:
+        return self._append(first_generation, lambda volume, relative: append_instances(
+            volume, first[0], lambda: [encoded for encoded, _ in gather()],
+            lambda locations, wait_durable: self._index(gather(), relative, locations, wait_durable)))[1]
+
     def _index(
-        self, encoded: EncodedInstance, relative: str, location: RecordLocation, source_ae_title: str,
+        self, batch: list[_Submission], relative: str, locations: list[RecordLocation],
         wait_durable: Callable[[], None],
-    ) -> str | None:
-        """Write the index rows of a record whose fsync is under way, and commit them once it is durable;
-        returns the replaced copy's volume, if any."""
-        meta = encoded.meta
-        placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,
-                                    location.length, meta.received_syntax, source_ae_title[:16])
-        assert encoded.dataset is not None  # a received instance
-        attributes = self.attribute_cache.attributes(encoded.dataset)
+    ) -> list[str | None]:
+        """Write the index rows of records whose fsync is under way, and commit them once it is durable;
+        returns each one's replaced copy's volume, if any.  Raises :class:`_DuplicateFound` if one of them
+        is indexed already (policies other than "replace")."""
+        rows = []
+        for (encoded, source_ae_title), location in zip(batch, locations, strict=True):
+            meta = encoded.meta
+            assert encoded.dataset is not None  # a received instance
+            rows.append((meta.sop_instance_uid, self.attribute_cache.attributes(encoded.dataset), RecordPlacement(
+                relative, location.offset, location.length, meta.received_length, location.length,
+                meta.received_syntax, source_ae_title[:16])))
         # Marked in the index by the first raw record of each volume file (see PendingVolumes).
-        mark = has_raw_frames(meta) and self.pending.needs_mark(relative)
+        mark = any(has_raw_frames(encoded.meta) for encoded, _ in batch) and self.pending.needs_mark(relative)
         for attempt in range(_INDEX_ATTEMPTS):
             try:
                 with self.index.session() as session:
-                    if self.duplicate_policy == "replace":
-                        current = instance_location(session, meta.sop_instance_uid)
-                        upsert_instance(session, attributes, placement, self.level_cache,
-                                        exists=current is not None)
-                    elif upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True):
-                        current = None
-                    else:
-                        raise _DuplicateFound
+                    replaced = [self._index_row(session, uid, attributes, placement)
+                                for uid, attributes, placement in rows]
                     if mark:
                         mark_compression_pending(session, volume_stem(relative))
                     wait_durable()  # the commit (leaving the block) must not come before the fsync
                 if mark:
                     self.pending.marked(relative)
-                return current[0] if current is not None else None
+                return replaced
             except IntegrityError:
                 # Two stores created the same patient/study/series row at once (the loser retries and
                 # finds the winner's committed row), or a cached row was deleted meanwhile.
@@ -319,6 +349,17 @@ class Archive:
                 if attempt == _INDEX_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def _index_row(self, session: Session, sop_instance_uid: str, attributes: IndexAttributes,
+                   placement: RecordPlacement) -> str | None:
+        """Index one record; returns the replaced copy's volume, if any."""
+        if self.duplicate_policy == "replace":
+            current = instance_location(session, sop_instance_uid)
+            upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None)
+            return current[0] if current is not None else None
+        if upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True):
+            return None
+        raise _DuplicateFound
 
     def tombstone(self, relative: str, sop_instance_uid: str, series_instance_uid: str) -> None:
         """Delete the copy of an instance in the volume ``relative``, leaving the index alone (the instance

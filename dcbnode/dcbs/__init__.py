@@ -22,7 +22,7 @@ from .errors import (
 from .format import RecordKind
 from .instance import EncodedInstance, ParsedInstance, encode_instance, is_valid_uid, parse_instance
 from .rebuild import RebuiltInstance, UnavailableSyntaxError, available_syntaxes, rebuild
-from .series import append_instance, append_tombstone, live_instances
+from .series import append_instance, append_instances, append_tombstone, live_instances
 from .stored import StoredInstance
 from .volume import RecordLocation, Volume, VolumeFullError, VolumeNotFoundError, VolumeReplacedError
 
@@ -47,6 +47,7 @@ __all__ = [
     "VolumeNotFoundError",
     "VolumeReplacedError",
     "append_instance",
+    "append_instances",
     "append_tombstone",
     "available_syntaxes",
     "encode_instance",

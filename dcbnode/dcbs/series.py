@@ -7,17 +7,17 @@ remains when the log is read from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from .dictionary import dictionary_for_append
+from .dictionary import SharedDictionary, dictionary_for_append
 from .errors import CorruptRecordError
 from .format import MetaLayout, RecordKind
 from .instance import EncodedInstance
 from .record import pack_tombstone, unpack_tombstone
 from .stored import StoredInstance
-from .volume import RecordLocation, Volume
+from .volume import NewRecord, RecordLocation, Volume
 
 T = TypeVar("T")
 
@@ -30,14 +30,33 @@ def append_instance(
     on_written: Callable[[RecordLocation, Callable[[], None]], T] | None = None,
 ) -> tuple[RecordLocation, T | None]:
     """Append an encoded instance; it is on disk (fsync) before ``on_durable`` runs (``on_written``: see
-    :meth:`Volume.append`).
+    :meth:`Volume.append`)."""
+    record = _instance_record(volume, encoded)
+    return volume.append(record.kind, record.meta, record.data_parts, layout=record.layout,
+                         dictionary_id=record.dictionary_id, on_durable=on_durable, on_written=on_written)
 
-    The first instance of a volume writes the volume's dictionary record first.
-    """
-    dictionary = dictionary_for_append(volume, encoded.dictionary_candidate)
+
+def append_instances(
+    volume: Volume, first: EncodedInstance, gather: Callable[[], Sequence[EncodedInstance]],
+    on_written: Callable[[list[RecordLocation], Callable[[], None]], T],
+) -> tuple[list[RecordLocation], T]:
+    """Append several encoded instances under one lock and one fsync (:meth:`Volume.append_many`): all of
+    them, or none if anything fails.  ``gather()`` gives them once the volume is locked (a group commit
+    takes what queued meanwhile); ``first`` is one of them, known before (a new volume's dictionary is
+    made from it)."""
+    dictionary = dictionary_for_append(volume, first.dictionary_candidate)
+    return volume.append_many(lambda: [_record(dictionary, instance) for instance in gather()], on_written)
+
+
+def _instance_record(volume: Volume, encoded: EncodedInstance) -> NewRecord:
+    """The record of an encoded instance.  The first instance of a volume writes the volume's dictionary
+    record first."""
+    return _record(dictionary_for_append(volume, encoded.dictionary_candidate), encoded)
+
+
+def _record(dictionary: SharedDictionary, encoded: EncodedInstance) -> NewRecord:
     meta, frames = encoded.record(dictionary)
-    return volume.append(RecordKind.INSTANCE, meta, frames, layout=MetaLayout.COMPACT, dictionary_id=dictionary.id,
-                         on_durable=on_durable, on_written=on_written)
+    return NewRecord(RecordKind.INSTANCE, meta, frames, MetaLayout.COMPACT, dictionary.id)
 
 
 def append_tombstone(

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _ZERO_CHECK_CHUNK = 1 << 20
+#: buffers per ``pwritev`` call (Linux's IOV_MAX)
+_IOV_MAX = 1024
 
 
 class VolumeFullError(DcbsError):
@@ -58,6 +60,23 @@ class RecordLocation:
 
     offset: int
     length: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A record to append: its kind, metadata block and data."""
+
+    kind: RecordKind
+    meta: bytes
+    data_parts: Sequence[bytes | memoryview] = ()
+    layout: MetaLayout = MetaLayout.JSON
+    dictionary_id: int = 0
+
+    def header(self) -> RecordHeader:
+        """Its record header (lengths and the metadata's CRC)."""
+        payload_length = len(self.meta) + sum(len(part) for part in self.data_parts)
+        return RecordHeader(self.kind, payload_length, len(self.meta), crc32(self.meta), self.layout,
+                            self.dictionary_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,14 +217,29 @@ class Volume:
         known anywhere (``wait_durable`` raises the fsync's error).  The archive prepares its index
         transaction meanwhile and commits after the wait, which saves the fsync's time on every store.
         """
-        payload_length = len(meta) + sum(len(part) for part in data_parts)
-        header = RecordHeader(kind, payload_length, len(meta), crc32(meta), layout, dictionary_id)
+        record = NewRecord(kind, meta, data_parts, layout, dictionary_id)
+        if on_written is not None:
+            locations, result = self.append_many(lambda: [record], lambda found, wait: on_written(found[0], wait))
+            return locations[0], result
+        callback = None if on_durable is None else lambda found, _wait: on_durable(found[0])
         with self._locked_for_append():
             self._upgrade_format()
-            if on_written is not None:
-                return self._append_locked(header, meta, data_parts, on_written, concurrent=True)
-            callback = None if on_durable is None else lambda location, _wait: on_durable(location)
-            return self._append_locked(header, meta, data_parts, callback)
+            locations, result = self._append_locked([record], callback)
+        return locations[0], result
+
+    def append_many(
+        self, records: Callable[[], Sequence[NewRecord]],
+        on_written: Callable[[list[RecordLocation], Callable[[], None]], T],
+    ) -> tuple[list[RecordLocation], T]:
+        """Append records one after the other under one lock, with one fsync (a group commit).
+
+        ``records()`` is called once the volume is locked (it must not lock it again) and gives them.
+        ``on_written`` is called as for one record (see :meth:`append`) with all their locations.  All or
+        nothing: if anything fails, every one of them is cut off again and the exception propagates.
+        """
+        with self._locked_for_append():
+            self._upgrade_format()
+            return self._append_locked(records(), on_written, concurrent=True)
 
     def append_once(self, kind: RecordKind, make_meta: Callable[[], bytes]) -> RecordEntry:
         """The volume's first record of ``kind``; if it has none, append one (metadata ``make_meta()``).
@@ -219,9 +253,9 @@ class Volume:
                     return entry
             meta = make_meta()
             self._upgrade_format()
-            header = RecordHeader(kind, len(meta), len(meta), crc32(meta))
-            location, _ = self._append_locked(header, meta, (), None)
-            return RecordEntry(location, header)
+            record = NewRecord(kind, meta)
+            locations, _ = self._append_locked([record], None)
+            return RecordEntry(locations[0], record.header())
 
     def _upgrade_format(self) -> None:
         """Make a version 1 volume version 2 before this code appends to it (under the append lock), so
@@ -256,14 +290,12 @@ class Volume:
 
     def _append_locked(
         self,
-        header: RecordHeader,
-        meta: bytes,
-        data_parts: Sequence[bytes | memoryview],
-        callback: Callable[[RecordLocation, Callable[[], None]], T] | None,
+        records: Sequence[NewRecord],
+        callback: Callable[[list[RecordLocation], Callable[[], None]], T] | None,
         *,
         concurrent: bool = False,
-    ) -> tuple[RecordLocation, T | None]:
-        """Write one record at the end and fsync it, running ``callback(location, wait_durable)`` after the
+    ) -> tuple[list[RecordLocation], T | None]:
+        """Write records at the end and fsync them, running ``callback(locations, wait_durable)`` after the
         fsync, or with ``concurrent`` while another thread fsyncs; the caller holds the append lock."""
         if os.fstat(self._fd).st_nlink == 0:
             # Compaction copied this volume and unlinked it while we waited for the lock: an
@@ -271,10 +303,13 @@ class Volume:
             raise VolumeReplacedError(f"{self.path}: volume was replaced; reopen it")
         start = self._refresh_end()
         sync: _BackgroundSync | None = None
+        locations: list[RecordLocation] = []
         try:
             position = start
-            for part in (header.pack(), meta, *data_parts):
-                position = self._write_all(part, position)
+            for record in records:
+                end = self._write_all((record.header().pack(), record.meta, *record.data_parts), position)
+                locations.append(RecordLocation(position, end - position))
+                position = end
             if concurrent:
                 sync = _BackgroundSync(self._fd)
             else:
@@ -284,9 +319,8 @@ class Volume:
             if (full := self._full_error(exc)) is not None:
                 raise full from exc
             raise
-        location = RecordLocation(start, position - start)
         try:
-            result = None if callback is None else callback(location, self._waiter(sync))
+            result = None if callback is None else callback(locations, self._waiter(sync))
             if sync is not None:
                 self._waiter(sync)()
         except BaseException:
@@ -295,7 +329,7 @@ class Volume:
             self._cut(start)
             raise
         self._known_end = position
-        return location, result
+        return locations, result
 
     def _waiter(self, sync: _BackgroundSync | None) -> Callable[[], None]:
         """``wait_durable`` for a callback: waits for ``sync`` and raises its error as an append error."""
@@ -317,12 +351,17 @@ class Volume:
             return VolumeFullError(f"{self.path}: cannot append: {exc.strerror}")
         return None
 
-    def _write_all(self, data: bytes | memoryview, position: int) -> int:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, position)
-            view = view[written:]
+    def _write_all(self, parts: Sequence[bytes | memoryview], position: int) -> int:
+        """Write ``parts`` one after the other from ``position`` (one system call when it can); returns the
+        position after them."""
+        views = [memoryview(part) for part in parts if len(part)]
+        while views:
+            written = os.pwritev(self._fd, views[:_IOV_MAX], position)
             position += written
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
         return position
 
     def _cut(self, offset: int) -> None:

@@ -4,9 +4,12 @@
 is reported at once, while peers get "connection refused" until the node can answer), starts listening
 once the archive is recovered, and then starts the workers, which inherit the socket.  Each worker's
 :class:`NodeServer` accepts from it: the kernel queues every connection once, in one backlog, and gives
-it to whichever worker calls ``accept`` first — a busy worker (its threads holding its GIL) is late to
-ask, so an idle one takes the connection.  The socket is non-blocking, so a worker that lost the race
-for a connection returns to its wait instead of blocking in ``accept``.  A worker that dies loses only
+it to whichever worker calls ``accept`` first.  Every worker is woken for a new connection, and the
+first to ask is not necessarily the least loaded (its association threads wait on the network or the
+disk with the GIL released), so a worker that has more open connections than another one lets it go
+first for a few milliseconds (:meth:`NodeServer.get_request`): associations spread over the workers,
+hence over the cores.  The socket is non-blocking, so a worker that lost the race for a connection
+returns to its wait instead of blocking in ``accept``.  A worker that dies loses only
 the connections it had accepted; those still queued wait for the others.  (``SO_REUSEPORT`` — one
 socket per worker — was not chosen: the kernel hashes connections onto the sockets whatever the
 workers' load, drops those queued on a dead worker's socket, and a configured port 0 would give each
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import time
 from typing import Any, NamedTuple
 
 from pynetdicom import evt
@@ -41,6 +45,9 @@ log = logging.getLogger("dcbnode.server")
 
 #: Connections the kernel queues for the workers to accept.
 _BACKLOG = 128
+#: How long a busier worker lets a less busy one accept first: steps of so many seconds.
+_YIELD_STEP = 0.001
+_YIELD_STEPS = 5
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -107,8 +114,9 @@ class NodeServer(ThreadedAssociationServer):
     shuts the socket down — that would stop the port for every worker — it only closes its descriptor.
     """
 
-    def __init__(self, *args: Any, listening: socket.socket, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, listening: socket.socket, limit: AssociationLimit, **kwargs: Any) -> None:
         self._listening = listening
+        self._limit = limit
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -121,8 +129,11 @@ class NodeServer(ThreadedAssociationServer):
         """Listening already (:func:`start_listening`)."""
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept; a TLS connection is wrapped without its handshake (see the module's docstring)."""
-        client, address = self.socket.accept()
+        """Accept, after letting a less busy worker take the connection first (see the module's docstring);
+        a TLS connection is wrapped without its handshake."""
+        self._limit.yield_to_less_busy()
+        client, address = self.socket.accept()  # BlockingIOError (an OSError) if another took it
+        self._limit.slots.connection_opened(self._limit.worker)
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -160,9 +171,18 @@ class AssociationLimit:
 
     def closed(self, event: Event) -> None:
         """The connection ended: give back its slot, if it had one."""
+        self.slots.connection_closed(self.worker)
         if getattr(event.assoc, "dcbnode_slot", False):
             event.assoc.dcbnode_slot = False
             self.slots.release(self.worker)
+
+    def yield_to_less_busy(self) -> None:
+        """Wait (a few milliseconds at most) while another worker has fewer open connections, so that it
+        can accept the waiting connection: a worker that is late (or dead) only delays it that long."""
+        for _ in range(_YIELD_STEPS):
+            if self.slots.least_busy(self.worker):
+                return
+            time.sleep(_YIELD_STEP)
 
     @property
     def handlers(self) -> list[tuple[Any, ...]]:

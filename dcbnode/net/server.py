@@ -133,7 +133,8 @@ class Node:
             if sock is None:
                 continue
             server = self.ae.make_server(sock.getsockname()[:2], evt_handlers=self._handlers, server_class=NodeServer,
-                                         request_handler=NodeRequestHandler, listening=sock, ssl_context=ssl_context)
+                                         request_handler=NodeRequestHandler, listening=sock, limit=self.limit,
+                                         ssl_context=ssl_context)
             self._servers.append(server)
             threading.Thread(target=server.serve_forever, name="dcbnode-acceptor", daemon=True).start()
         self.commitments.start()

@@ -6,6 +6,10 @@ starts the workers (inherited over ``fork``), read and changed under a POSIX rec
 an unlinked temporary file, also inherited.  The kernel drops a process's record lock when it dies, so a
 worker killed in the middle never leaves the table locked; and the main process zeroes a dead worker's
 counter (:meth:`AssociationSlots.reset`) before it starts its replacement, so its slots come back.
+
+A second table counts each worker's open *connections* (from ``accept`` to close, associated or not):
+a worker about to accept checks that no other worker has fewer (:meth:`AssociationSlots.least_busy`),
+so that the connections spread over the workers' cores (see :mod:`.listener`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ class AssociationSlots:
     def __init__(self, limit: int, workers: int) -> None:
         self.limit = limit
         self.workers = workers
-        self._memory = mmap.mmap(-1, _COUNTER * workers)  # anonymous and shared: children see one table
-        self._counts = memoryview(self._memory).cast("q")
+        # anonymous and shared: children see the tables (associations, then connections, per worker)
+        self._memory = mmap.mmap(-1, 2 * _COUNTER * workers)
+        table = memoryview(self._memory).cast("q")
+        self._counts, self._connections = table[:workers], table[workers:]
         self._lock_file = tempfile.TemporaryFile()  # noqa: SIM115 - held open for the node's life
         self._thread_lock = threading.Lock()  # lockf excludes other processes, not this one's threads
 
@@ -47,9 +53,25 @@ class AssociationSlots:
             self._counts[worker] = max(0, self._counts[worker] - 1)
 
     def reset(self, worker: int) -> None:
-        """Forget every slot of ``worker`` (the main process, once the worker is dead)."""
+        """Forget every slot and connection of ``worker`` (the main process, once the worker is dead)."""
         with self._locked():
             self._counts[worker] = 0
+            self._connections[worker] = 0
+
+    def connection_opened(self, worker: int) -> None:
+        """``worker`` accepted a connection."""
+        with self._locked():
+            self._connections[worker] += 1
+
+    def connection_closed(self, worker: int) -> None:
+        """A connection ``worker`` accepted ended."""
+        with self._locked():
+            self._connections[worker] = max(0, self._connections[worker] - 1)
+
+    def least_busy(self, worker: int) -> bool:
+        """Whether no other worker has fewer open connections than ``worker``."""
+        with self._locked():
+            return self._connections[worker] <= min(self._connections)
 
     def in_use(self) -> int:
         """Associations holding a slot now, over all workers."""
