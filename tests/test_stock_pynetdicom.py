@@ -51,7 +51,10 @@ from dcbnode.config import load_config
 from dcbnode.net.context import NodeContext
 from dcbnode.net.listener import Listeners
 from dcbnode.net.server import Node
+from dcbnode.net.logging_setup import configure_logging
+from pynetdicom._handlers import standard_pdu_recv_handler
 
+configure_logging("INFO")  # as `dcbnode serve` does: pynetdicom's standard log handlers off for the node
 data = Path(sys.argv[1])
 config = load_config(None, {"node.data_dir": str(data), "node.port": int(sys.argv[2]), "node.bind": "127.0.0.1"})
 archive = Archive(data, config.node.resolved_database_url)
@@ -70,6 +73,9 @@ assoc = ae.associate("127.0.0.1", node.port, ae_title=config.node.ae_title)
 results["stock_classes"] = [type(assoc) is Association, type(assoc.dul) is pynetdicom.dul.DULServiceProvider,
                             type(assoc.dimse) is pynetdicom.dimse.DIMSEServiceProvider,
                             type(assoc.dul.socket) is pynetdicom.transport.AssociationSocket]
+# pynetdicom's standard log handlers stay bound to a stock association, not to the node's server
+results["log_handlers"] = [standard_pdu_recv_handler in [h for h, _ in assoc.get_handlers(evt.EVT_PDU_RECV)],
+                           any(server.get_handlers(evt.EVT_PDU_RECV) for server in node._servers)]
 results["echo"] = int(assoc.send_c_echo().Status)
 results["store"] = int(assoc.send_c_store(ct).Status)
 assoc.release()
@@ -111,6 +117,7 @@ def test_a_stock_pynetdicom_scu_in_the_nodes_process_is_unchanged(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["stock_classes"] == [True, True, True, True]
+    assert results["log_handlers"] == [True, False]
     assert (results["echo"], results["store"], results["get"], results["received"]) == (0, 0, 0, 1)
     assert results["changed"] == []
     assert results["added"] == []

@@ -37,6 +37,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from .provider import drop_standard_log_handlers
 from .slots import AssociationSlots
 
 __all__ = ["AssociationLimit", "Listeners", "NodeServer", "open_listener", "start_listening"]
@@ -118,6 +119,12 @@ class NodeServer(ThreadedAssociationServer):
         self._listening = listening
         self._limit = limit
         super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers, less its standard logging ones unless debugging (they would be
+        copied to every association; :func:`~.provider.drop_standard_log_handlers`)."""
+        super()._bind_defaults()
+        drop_standard_log_handlers(self)
 
     def server_bind(self) -> None:
         """Use the given socket instead of the one socketserver just made."""

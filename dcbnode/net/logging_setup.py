@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from pynetdicom import _config
-
 _FORMAT = "%(asctime)s %(levelname)-7s [{process}] %(name)s: %(message)s"
 
 
@@ -31,8 +29,8 @@ def set_level(level: str) -> None:
     """Apply ``level`` to dcbnode and the matching level to pynetdicom.
 
     Below DEBUG pynetdicom's standard event handlers (run for every PDU and DIMSE message even when its
-    logger drops their lines) are not bound to new associations at all: pynetdicom's documented setting
-    ``_config.LOG_HANDLER_LEVEL = "none"``.
+    logger drops their lines) are not bound to dcbnode's new associations at all
+    (:func:`~.provider.drop_standard_log_handlers`, which looks at the ``pynetdicom`` logger's level).
     """
     numeric = logging.getLevelName(level.upper())
     logging.getLogger().setLevel(numeric)
@@ -40,4 +38,3 @@ def set_level(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(numeric if debug else logging.WARNING)
     # Alembic logs its plugins and dialect at INFO whenever the schema is checked; dcbnode says what counts.
     logging.getLogger("alembic").setLevel(numeric if debug else logging.WARNING)
-    _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"

@@ -47,6 +47,12 @@ import pynetdicom.fsm
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
@@ -55,7 +61,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
-from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
+from pynetdicom.transport import AddressInformation, AssociationServer, AssociationSocket, RequestHandler
 
 from .guard import HEADER, PDU_TYPES, header_refusal, io_deadline, remaining
 from .move_destination import answer_unreachable
@@ -348,6 +354,12 @@ class NodeAssociation(Association):
         super().__init__(ae, mode)
         self._use_node_providers()
 
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers, less its standard logging ones unless debugging
+        (:func:`drop_standard_log_handlers`)."""
+        super()._bind_defaults()
+        drop_standard_log_handlers(self)
+
     def _use_node_providers(self) -> None:
         """Replace the DUL and DIMSE providers ``Association.__init__`` made (before any is used)."""
         self.dul = NodeDUL(self)
@@ -388,6 +400,7 @@ class NodeAssociation(Association):
         these, before it has a socket or has started."""
         assoc.__class__ = cls
         cast(NodeAssociation, assoc)._use_node_providers()
+        drop_standard_log_handlers(assoc)
 
     def send_c_store(self, dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
                      originator_id: int | None = None) -> Dataset:
@@ -525,6 +538,26 @@ class NodeAE(ApplicationEntity):
         return sock
 
 
+#: pynetdicom's standard logging handlers: they format every PDU and DIMSE message, even when the
+#: ``pynetdicom`` logger then drops the lines.
+_STANDARD_LOG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                          (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                          (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
+
+
+def drop_standard_log_handlers(target: Association | AssociationServer) -> None:
+    """Unbind pynetdicom's standard logging handlers from one of dcbnode's associations or servers, unless
+    the ``pynetdicom`` logger takes DEBUG lines (see :mod:`.logging_setup`).
+
+    What pynetdicom's ``_config.LOG_HANDLER_LEVEL = "none"`` does, for dcbnode's own associations only:
+    that setting is process-wide, and would silence a stock pynetdicom SCU in the same process too.
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        return
+    for event, handler in _STANDARD_LOG_HANDLERS:
+        target.unbind(event, handler)
+
+
 # -- what the subclasses rely on -----------------------------------------------------------------------------
 
 
@@ -564,6 +597,8 @@ def check_pynetdicom() -> None:
         problems.append("queue.Queue.put does not notify not_empty")
     if not {"socket", "recv"} <= _names(AssociationSocket.recv):
         problems.append("AssociationSocket.recv does not read with socket.recv")
+    if not {"LOG_HANDLER_LEVEL", "standard_pdu_sent_handler"} <= _names(Association._bind_defaults):
+        problems.append("Association._bind_defaults does not bind the standard log handlers NodeAssociation drops")
     if not hasattr(os, "eventfd"):
         problems.append("os.eventfd is not available (Linux is required)")
     if problems:
