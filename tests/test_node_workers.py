@@ -332,9 +332,15 @@ def _rebuild_helpers(worker: int) -> list[int]:
             and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
+def _ready_helpers(node) -> int:
+    """How many rebuild helpers the node's workers have started so far (each logs when ready)."""
+    return len(re.findall(r"rebuild helper process \d+ ready", node.log()))
+
+
 def test_retrieve_rebuilds_in_a_helper_process_and_survives_its_death(running_node, tmp_path):
-    """A C-GET's instances are rebuilt in a helper process of the worker (outside its GIL); a helper killed
-    between two retrieves fails nothing: the next retrieve is served in full, bit-exact."""
+    """A C-GET's instances are rebuilt in a helper process of the worker (outside its GIL), started by the
+    first retrieve; a helper killed between two retrieves fails nothing: the next retrieve is served in
+    full, bit-exact, and a new helper is started."""
     node = running_node(workers=1)
     datasets = ct_series(30, series_uid=pydicom.uid.generate_uid(), study_uid=pydicom.uid.generate_uid())
     sender = _storescu(node, _write(datasets, tmp_path / "series"), "SCU")
@@ -349,9 +355,12 @@ def test_retrieve_rebuilds_in_a_helper_process_and_survives_its_death(running_no
             expected = original.copy()
             expected.file_meta = FileMetaDataset()  # a C-STORE carries no file meta: getscu writes its own
             assert element_differences(expected, ds) == [] and pixels_equal(original, ds)
+        # Until its helper is ready a retrieve rebuilds in its own thread; then the helper takes over.
+        assert wait_until(lambda started=attempt + 1: _ready_helpers(node) == started, 60), node.log()[-2000:]
         helpers = _rebuild_helpers(worker)
         assert len(helpers) == 1, node.log()[-2000:]
         if attempt == 0:
+            assert f"rebuild helper process {helpers[0]} ready" in node.log()
             os.kill(helpers[0], signal.SIGKILL)
             assert wait_until(lambda: not _rebuild_helpers(worker))
     assert "a rebuild helper process ended" in node.log()

@@ -66,6 +66,7 @@ from pynetdicom.transport import AddressInformation, AssociationServer, Associat
 from .guard import HEADER, PDU_TYPES, header_refusal, io_deadline, remaining
 from .move_destination import answer_unreachable
 from .wire import (
+    EncodedBytesIO,
     EncodedDataset,
     EncodedMessage,
     command_elements,
@@ -298,7 +299,10 @@ class NodeDIMSE(DIMSEServiceProvider):
             if self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
                 message = sent_message(message_class, context_id, elements, dataset)
                 evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
-        data = dataset.getvalue() if dataset is not None else b""
+        if isinstance(dataset, EncodedBytesIO):
+            data: bytes | bytearray = dataset.value
+        else:
+            data = dataset.getvalue() if dataset is not None else b""
         self.dul.send_pdu(EncodedMessage(context_id, pdata_pdus(context_id, command, data, self.maximum_pdu_size)))
 
     def get_msg(self, block: bool = False) -> Any:
@@ -425,7 +429,7 @@ class NodeAssociation(Association):
         request.MoveOriginatorMessageID = originator_id
         request.AffectedSOPClassUID = dataset.SOPClassUID
         request.AffectedSOPInstanceUID = dataset.SOPInstanceUID
-        request.DataSet = BytesIO(dataset.encoded)
+        request.DataSet = EncodedBytesIO(dataset.encoded)
         # As pynetdicom: pause the reactor, so that the reply reaches this call, not the reactor.
         self._reactor_checkpoint.clear()
         while not self._is_paused:

@@ -168,35 +168,26 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
                        lookahead: int = 2,
                        preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE,
                        rebuilds: RebuildPool | None = None) -> Iterator[EncodedDataset]:
-    """The instances rebuilt in order, ``lookahead`` of them ahead in a worker thread.
+    """The instances rebuilt in order, up to ``lookahead`` of them ahead.
 
-    Rebuilding the next instance overlaps sending the current one: in the helper processes of
-    ``rebuilds`` (outside this process's GIL), else in the worker thread (decoding releases the GIL); at
-    most ``lookahead + 1`` rebuilt instances are held.  Once ``alive()`` is false (the receiving association
-    is gone) the remaining instances become placeholders without being read, and an instance rebuilt
-    before is replaced by one: ``send_c_store`` fails a placeholder at once, before sending anything, so
-    no sub-operation waits for a reply from a peer that has gone.
+    Rebuilding the next instances overlaps sending the current one: in the helper processes of
+    ``rebuilds`` (outside this process's GIL; as many at once as it has helpers, up to ``lookahead``),
+    else in one worker thread (decoding releases the GIL); at most ``lookahead + 1`` rebuilt instances
+    are held.  Once ``alive()`` is false (the receiving association is gone) the remaining instances
+    become placeholders without being read, and an instance rebuilt before is replaced by one:
+    ``send_c_store`` fails a placeholder at once, before sending anything, so no sub-operation waits for
+    a reply from a peer that has gone.
 
     The index is asked where the instances are :data:`LOCATION_BATCH` at a time (one query instead of one
     per instance, ~1 ms each with SQLite); an instance deleted after its batch was looked up is still
     sent while its record can be read.
     """
-    locations: dict[str, tuple[str, int]] = {}
-    looked_up = 0  # matches[:looked_up] have had their locations asked for
+    locations = _Locations(archive, matches)
 
-    def one(position: int, match: RetrieveMatch) -> EncodedDataset:
-        nonlocal looked_up
+    def one(match: RetrieveMatch, location: tuple[str, int] | None) -> EncodedDataset:
         if not alive():
             return EncodedDataset(match.sop_class_uid, match.sop_instance_uid, ExplicitVRLittleEndian, None,
                                   "association to the receiver ended")
-        if position >= looked_up:
-            batch = matches[position:position + LOCATION_BATCH]
-            try:
-                locations.update(archive.instance_locations([m.sop_instance_uid for m in batch]))
-            except Exception:  # the per-instance lookup in prepare reports the problem
-                log.debug("batched location lookup failed", exc_info=True)
-            looked_up = position + len(batch)
-        location = locations.pop(match.sop_instance_uid, None)
         if rebuilds is not None:
             rebuilt = rebuilds.rebuild(match, accepted, location, preference)
             if rebuilt is not None:
@@ -204,21 +195,25 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
         return prepare(archive, match, accepted, location, preference)
 
     if lookahead <= 0:
-        yield from (one(position, match) for position, match in enumerate(matches))
+        yield from (one(match, locations.take(position)) for position, match in enumerate(matches))
         return
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcbnode-rebuild")
+    threads = max(1, min(rebuilds.processes if rebuilds is not None else 1, lookahead))
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dcbnode-rebuild")
     pending: deque[Future[EncodedDataset]] = deque()
     remaining = enumerate(matches)
+
+    def submit_next() -> None:
+        following = next(remaining, None)
+        if following is not None:
+            position, match = following
+            pending.append(executor.submit(one, match, locations.take(position)))
+
     try:
-        for position, match in remaining:
-            pending.append(executor.submit(one, position, match))
-            if len(pending) > lookahead:
-                break
+        for _ in range(lookahead):
+            submit_next()
         while pending:
             dataset = pending.popleft().result()
-            following = next(remaining, None)
-            if following is not None:
-                pending.append(executor.submit(one, *following))
+            submit_next()
             if dataset.encoded is not None and not alive():  # rebuilt ahead, receiver gone since
                 dataset = EncodedDataset(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian,
                                          None, "association to the receiver ended")
@@ -226,3 +221,23 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
+
+class _Locations:
+    """Where the index says ``matches`` are, asked :data:`LOCATION_BATCH` at a time, in order."""
+
+    def __init__(self, archive: Archive, matches: Sequence[RetrieveMatch]) -> None:
+        self._archive = archive
+        self._matches = matches
+        self._known: dict[str, tuple[str, int]] = {}
+        self._looked_up = 0  # matches[:_looked_up] have had their locations asked for
+
+    def take(self, position: int) -> tuple[str, int] | None:
+        """The location of ``matches[position]`` (positions asked in increasing order), if the index knows it."""
+        if position >= self._looked_up:
+            batch = self._matches[position:position + LOCATION_BATCH]
+            try:
+                self._known.update(self._archive.instance_locations([m.sop_instance_uid for m in batch]))
+            except Exception:  # the per-instance lookup in prepare reports the problem
+                log.debug("batched location lookup failed", exc_info=True)
+            self._looked_up = position + len(batch)
+        return self._known.pop(self._matches[position].sop_instance_uid, None)

@@ -41,6 +41,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 __all__ = [
     "CommandElements",
+    "EncodedBytesIO",
     "EncodedDataset",
     "EncodedMessage",
     "EncodedPDUs",
@@ -77,9 +78,8 @@ class EncodedDataset(Dataset):
     pick the presentation context; ``encoded`` is ``None`` for an instance that must fail.
     """
 
-    def __init__(
-        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, encoded: bytes | None, reason: str = ""
-    ) -> None:
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                 encoded: bytes | bytearray | None, reason: str = "") -> None:
         super().__init__()
         # Built once per instance sent, so without pydicom's per-value validation (the UIDs come from
         # the index) and with one shared, never modified, file meta per transfer syntax.
@@ -92,7 +92,7 @@ class EncodedDataset(Dataset):
         self._reason = reason
 
     @property
-    def encoded(self) -> bytes | None:
+    def encoded(self) -> bytes | bytearray | None:
         """The dataset bytes, or ``None`` when this instance is a failure placeholder."""
         return self._encoded
 
@@ -102,10 +102,23 @@ class EncodedDataset(Dataset):
         return self._reason
 
 
+class EncodedBytesIO(BytesIO):
+    """The ``BytesIO`` pynetdicom's primitives require for a data set, holding ``value`` without copying it
+    (``BytesIO(bytearray)`` copies 0.5 MB per CT slice); :class:`~.provider.NodeDIMSE` sends ``value``."""
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        super().__init__()
+        self.value = value
+
+    def getvalue(self) -> bytes:
+        """The data set's bytes (a copy, for whoever else asks: e.g. ``EVT_DIMSE_SENT`` handlers)."""
+        return bytes(self.value)
+
+
 # -- 2. one socket write per DIMSE message -------------------------------------------------------------------
 
 
-def pdata_pdus(context_id: int, command: bytes, dataset: bytes, max_pdu: int) -> bytes:
+def pdata_pdus(context_id: int, command: bytes, dataset: bytes | bytearray, max_pdu: int) -> bytes:
     """Every P-DATA-TF PDU of one DIMSE message, encoded: the command set, then the data set (if any).
 
     One PDV per PDU, each PDU's PDV list at most ``max_pdu`` bytes (the peer's Maximum Length; 0 = no
