@@ -8,6 +8,7 @@ in large pieces (instead of 4 KiB ones), are tested here.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import socket
@@ -30,7 +31,16 @@ from pynetdicom.pdu import P_DATA_TF
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import wait_until
 
-from dcbnode.net.provider import NodeAE, NodeAssociation, NodeRequestHandler, NodeSocket, await_message
+from dcbnode.config import Config
+from dcbnode.net.provider import (
+    NodeAE,
+    NodeAssociation,
+    NodeRequestHandler,
+    NodeSocket,
+    await_message,
+    copied_contexts,
+)
+from dcbnode.net.server import build_ae
 from dcbnode.net.wire import command_elements, encode_command, pdata_pdus, sent_message
 
 
@@ -140,6 +150,19 @@ def test_command_sets_are_pynetdicoms() -> None:
             (e.tag, str(e.value).rstrip()) for e in reference.command_set
         ]
     assert encoded > 250
+
+
+def test_copied_contexts_are_a_deep_copy() -> None:
+    """The node's contexts as each association gets them: equal to pynetdicom's deepcopy, sharing nothing
+    that negotiation could change."""
+    contexts = build_ae(Config()).supported_contexts
+    copies = copied_contexts(contexts)
+    assert [vars(c) for c in copies] == [vars(c) for c in copy.deepcopy(contexts)]
+    for original, duplicate in zip(contexts, copies, strict=True):
+        assert duplicate is not original and duplicate.transfer_syntax is not original.transfer_syntax
+        duplicate.add_transfer_syntax("1.2.3.4")
+        duplicate.context_id = 7
+        assert "1.2.3.4" not in original.transfer_syntax and original.context_id is None
 
 
 def test_a_paused_reactor_leaves_the_reply_to_the_waiting_sender(tmp_path: Path) -> None:
