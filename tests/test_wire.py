@@ -23,7 +23,7 @@ from typing import Any
 import pynetdicom.dimse
 import pytest
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import _DATASET_KEYWORDS
+from pynetdicom.dimse_messages import _DATASET_KEYWORDS, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
@@ -41,7 +41,7 @@ from dcbnode.net.provider import (
     copied_contexts,
 )
 from dcbnode.net.server import build_ae
-from dcbnode.net.wire import command_elements, encode_command, pdata_pdus, sent_message
+from dcbnode.net.wire import command_elements, dimse_message, encode_command, pdata_pdus, store_response
 
 
 def _message_class(primitive: Any) -> type:
@@ -141,7 +141,7 @@ def test_command_sets_are_pynetdicoms() -> None:
         encoded += 1
         assert encode_command(elements) == expected, (message_class.__name__, seed)
         # what EVT_DIMSE_SENT handlers see re-encodes to the same bytes, and reads as pynetdicom's message
-        sent = sent_message(message_class, 1, elements, dataset).command_set
+        sent = dimse_message(message_class, 1, elements, dataset).command_set
         assert encode(sent, True, True) == expected
         reference = _message_class(primitive)()
         reference.primitive_to_message(primitive)
@@ -150,6 +150,80 @@ def test_command_sets_are_pynetdicoms() -> None:
             (e.tag, str(e.value).rstrip()) for e in reference.command_set
         ]
     assert encoded > 250
+
+
+def _received(primitive: Any, max_pdu: int = 16382) -> list[Any]:
+    """The P-DATA primitives a receiver gets for ``primitive`` sent by pynetdicom."""
+    message = _message_class(primitive)()
+    message.primitive_to_message(primitive)
+    return list(message.encode_msg(1, max_pdu))
+
+
+def _pynetdicom_decoded(pdata: list[Any]) -> Any:
+    message = DIMSEMessage()
+    for part in pdata:
+        done = message.decode_msg(part)
+    assert done
+    return message, message.message_to_primitive()
+
+
+_STORE_RESPONSE_FIELDS = ("MessageIDBeingRespondedTo", "Status", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                          "ErrorComment", "OffendingElement", "_context_id", "_dataset_path", "_dataset_file")
+
+
+def test_store_responses_are_read_as_pynetdicom_reads_them() -> None:
+    read = 0
+    for seed in range(400):
+        primitive = _random_primitive(seed)
+        pdata = _received(primitive)
+        decoded = store_response(pdata[0])
+        if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+            assert decoded is None, seed  # left to pynetdicom
+            continue
+        message, expected = _pynetdicom_decoded(pdata)
+        if decoded is None:  # a reply with the optional status elements is left to pynetdicom too
+            assert any(getattr(primitive, keyword, None) is not None for keyword in ("ErrorComment",
+                                                                                     "OffendingElement")), seed
+            continue
+        read += 1
+        context_id, response, elements = decoded
+        assert context_id == 1 and type(response) is C_STORE
+        for name in _STORE_RESPONSE_FIELDS:
+            assert getattr(response, name, None) == getattr(expected, name, None), (seed, name)
+        # what EVT_DIMSE_RECV handlers see: pynetdicom's command set
+        handed = dimse_message(type(message), context_id, elements, None).command_set
+        assert [(e.tag, e.value) for e in handed] == [(e.tag, e.value) for e in message.command_set]
+    assert read > 20
+
+
+_UNUSUAL = {"two UIDs": (b"1.2.3.4\0", b"1.2.3.4\\5."), "long UID": (b"1.2.3.4\0", b"1." + b"2" * 64 + b"\0"),
+            "data set": (b"\x01\x01", b"\x01\x00"), "no status": (b"\0\0\x00\x09\x02\0\0\0\0\0", b""),
+            "empty UID": (b"1.2.3.4\0", b"\0" * 8)}
+
+
+@pytest.mark.parametrize("change", [*_UNUSUAL, "command cut"])
+def test_unusual_store_responses(change: str) -> None:
+    """Replies read here only when pynetdicom would read them the same; the others are left to it."""
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 3
+    response.Status = 0
+    response.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    response.AffectedSOPInstanceUID = "1.2.3.4"
+    (pdata,) = _received(response)
+    context_id, data = pdata.presentation_data_value_list[0]
+    assert store_response(pdata) is not None
+    replaced = _UNUSUAL.get(change, (data[-4:], b""))
+    assert replaced[0] in data
+    pdata.presentation_data_value_list = [[context_id, data.replace(*replaced)]]
+    decoded = store_response(pdata)
+    if change != "empty UID":
+        assert decoded is None
+        return
+    assert decoded is not None
+    expected = _pynetdicom_decoded([pdata])[1]
+    assert expected.AffectedSOPInstanceUID is None
+    assert [getattr(decoded[1], name, None) for name in _STORE_RESPONSE_FIELDS] == [
+        getattr(expected, name, None) for name in _STORE_RESPONSE_FIELDS]
 
 
 def test_copied_contexts_are_a_deep_copy() -> None:

@@ -56,7 +56,7 @@ from pynetdicom._handlers import (
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
-from pynetdicom.dimse_messages import _DATASET_KEYWORDS
+from pynetdicom.dimse_messages import _DATASET_KEYWORDS, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
@@ -71,10 +71,11 @@ from .wire import (
     EncodedDataset,
     EncodedMessage,
     command_elements,
+    dimse_message,
     encode_command,
     encoded_pdus,
     pdata_pdus,
-    sent_message,
+    store_response,
 )
 
 __all__ = ["NodeAE", "NodeAssociation", "NodeDIMSE", "NodeDUL", "NodeRequestHandler", "NodeSocket"]
@@ -298,13 +299,26 @@ class NodeDIMSE(DIMSEServiceProvider):
         else:
             command = encode_command(elements)
             if self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-                message = sent_message(message_class, context_id, elements, dataset)
+                message = dimse_message(message_class, context_id, elements, dataset)
                 evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         if isinstance(dataset, EncodedBytesIO):
             data: bytes | bytearray = dataset.value
         else:
             data = dataset.getvalue() if dataset is not None else b""
         self.dul.send_pdu(EncodedMessage(context_id, pdata_pdus(context_id, command, data, self.maximum_pdu_size)))
+
+    def receive_primitive(self, primitive: Any) -> None:
+        """pynetdicom's, except that a C-STORE-RSP of the usual form is read by :func:`~.wire.store_response`
+        (≈ 100 µs less of the association's GIL per sub-operation of a retrieve)."""
+        decoded = store_response(primitive) if self.message is None else None
+        if decoded is None:
+            super().receive_primitive(primitive)
+            return
+        context_id, response, elements = decoded
+        if self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            evt.trigger(self.assoc, evt.EVT_DIMSE_RECV,
+                        {"message": dimse_message(C_STORE_RSP, context_id, elements, None)})
+        self.msg_queue.put((context_id, response))
 
     def get_msg(self, block: bool = False) -> Any:
         """pynetdicom's ``get_msg``, except that the reactor's poll (``block=False``) takes nothing while a
@@ -382,6 +396,8 @@ class NodeAssociation(Association):
         """Replace the DUL and DIMSE providers ``Association.__init__`` made (before any is used)."""
         self.dul = NodeDUL(self)
         self.dimse = NodeDIMSE(self)
+        #: The presentation context each (SOP class, transfer syntax) of a sent EncodedDataset goes in.
+        self._store_contexts: dict[tuple[str, str], PresentationContext] = {}
         # The setters put these on the DUL's timers.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
@@ -432,8 +448,12 @@ class NodeAssociation(Association):
             return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
         if not self.is_established:
             raise RuntimeError("The association with the peer has been released or aborted")
-        context = self._get_valid_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID, "scu",
-                                          allow_conversion=False)
+        # pynetdicom walks and sorts the accepted contexts on every call (≈ 50 µs with getscu's 120); they do not
+        # change once the association is established.
+        key = (dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        context = self._store_contexts.get(key)
+        if context is None:
+            context = self._store_contexts[key] = self._get_valid_context(*key, "scu", allow_conversion=False)
         if dataset.encoded is None:
             raise ValueError(f"cannot send {dataset.SOPInstanceUID}: {dataset.reason}")
         request = C_STORE()
