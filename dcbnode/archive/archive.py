@@ -33,8 +33,8 @@ from ..dcbs import (
 )
 from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
-from ..index.attributes import IndexAttributes, LevelAttributeCache
-from ..index.database import DEFAULT_BUSY_TIMEOUT, is_disk_full
+from ..index.attributes import LevelAttributeCache
+from ..index.database import DEFAULT_BUSY_TIMEOUT, CommitUnknownError, is_disk_full
 from ..index.writer import (
     LevelCache,
     RecordPlacement,
@@ -50,6 +50,7 @@ from ..index.writer import (
 )
 from .group_commit import Batch, GroupCommit
 from .pool import VolumePool
+from .unsettled import IndexedRecord, UnsettledCommits
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class Archive:
         self.volumes = VolumePool()
         self.level_cache = LevelCache()
         self.attribute_cache = LevelAttributeCache()
+        #: index commits that failed with an unknown outcome, and the records kept for them
+        self.unsettled = UnsettledCommits(self.index, self.level_cache)
         #: volume stem → index path of its current generation (see _current_generation)
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
@@ -236,7 +239,9 @@ class Archive:
         compression, which compaction does later (the node's ``Compressor``): a faster store, a larger
         volume until then.  Raises :class:`~dcbnode.dcbs.InvalidDatasetError` for input that cannot be
         stored faithfully, :class:`DuplicateInstanceError` under the "reject" policy, and
-        :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error.
+        :class:`~dcbnode.dcbs.VolumeFullError` when the disk is full.  Nothing is left behind on error, but
+        for one case: an index COMMIT that failed and whose outcome the index could not tell in time leaves
+        its record in the volume (it raises the database error like any other).
         """
         parsed = parse_instance(data, transfer_syntax=transfer_syntax, file_meta=file_meta)
         if expected_sop_instance_uid is not None and parsed.sop_instance_uid != expected_sop_instance_uid:
@@ -259,7 +264,8 @@ class Archive:
                 if duplicate is not None:
                     return duplicate
                 # ... and deleted again since: store it after all
-            except DBAPIError as exc:  # the record was cut back; a full disk is not a fault of ours
+            except DBAPIError as exc:  # the record was cut back (or kept: see .unsettled); a full disk is
+                # not a fault of ours
                 if is_disk_full(exc):
                     raise VolumeFullError(f"index database: {exc.orig}") from exc
                 raise
@@ -315,6 +321,16 @@ class Archive:
             volume, first[0], lambda: [encoded for encoded, _ in gather()],
             lambda locations, wait_durable: self._index(gather(), relative, locations, wait_durable)))[1]
 
+    def indexed_record(self, encoded: EncodedInstance, relative: str, location: RecordLocation,
+                       source_ae_title: str) -> IndexedRecord:
+        """What the index holds for a received instance's record at ``location`` in volume ``relative``."""
+        meta = encoded.meta
+        placement = RecordPlacement(relative, location.offset, location.length, meta.received_length,
+                                    location.length, meta.received_syntax, source_ae_title[:16])
+        assert encoded.dataset is not None  # a received instance
+        return IndexedRecord(self.attribute_cache.attributes(encoded.dataset), placement,
+                             volume_stem(relative) if has_raw_frames(meta) else None)
+
     def _index(
         self, batch: list[_Submission], relative: str, locations: list[RecordLocation],
         wait_durable: Callable[[], None],
@@ -322,39 +338,38 @@ class Archive:
         """Write the index rows of records whose fsync is under way, and commit them once it is durable;
         returns each one's replaced copy's volume, if any.  Raises :class:`_DuplicateFound` if one of them
         is indexed already (policies other than "replace")."""
-        rows = []
-        for (encoded, source_ae_title), location in zip(batch, locations, strict=True):
-            meta = encoded.meta
-            assert encoded.dataset is not None  # a received instance
-            rows.append((meta.sop_instance_uid, self.attribute_cache.attributes(encoded.dataset), RecordPlacement(
-                relative, location.offset, location.length, meta.received_length, location.length,
-                meta.received_syntax, source_ae_title[:16])))
+        records = [self.indexed_record(encoded, relative, location, source_ae_title)
+                   for (encoded, source_ae_title), location in zip(batch, locations, strict=True)]
         # Marked in the index by the first raw record of each volume file (see PendingVolumes).
-        mark = any(has_raw_frames(encoded.meta) for encoded, _ in batch) and self.pending.needs_mark(relative)
+        mark = any(record.pending_stem for record in records) and self.pending.needs_mark(relative)
+        self.unsettled.settle(relative)  # records kept after failed commits, now that the volume is locked
         for attempt in range(_INDEX_ATTEMPTS):
             try:
-                with self.index.session() as session:
-                    replaced = [self._index_row(session, uid, attributes, placement)
-                                for uid, attributes, placement in rows]
+                with self.index.committing() as session:
+                    replaced = [self._index_row(session, record) for record in records]
                     if mark:
                         mark_compression_pending(session, volume_stem(relative))
                     wait_durable()  # the commit (leaving the block) must not come before the fsync
-                if mark:
-                    self.pending.marked(relative)
-                return replaced
             except IntegrityError:
                 # Two stores created the same patient/study/series row at once (the loser retries and
                 # finds the winner's committed row), or a cached row was deleted meanwhile.
                 self.level_cache.clear()
                 if attempt == _INDEX_ATTEMPTS - 1:
                     raise
+                continue
+            except CommitUnknownError as failed:
+                self.level_cache.clear()  # keys it cached may not have been committed
+                self.unsettled.failed(failed.error, records)  # returns only if the commit took effect
+            if mark:
+                self.pending.marked(relative)
+            return replaced
         raise AssertionError("unreachable")
 
-    def _index_row(self, session: Session, sop_instance_uid: str, attributes: IndexAttributes,
-                   placement: RecordPlacement) -> str | None:
+    def _index_row(self, session: Session, record: IndexedRecord) -> str | None:
         """Index one record; returns the replaced copy's volume, if any."""
+        attributes, placement = record.attributes, record.placement
         if self.duplicate_policy == "replace":
-            current = instance_location(session, sop_instance_uid)
+            current = instance_location(session, attributes.sop_instance_uid)
             upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None)
             return current[0] if current is not None else None
         if upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True):

@@ -24,7 +24,14 @@ from .instance import EncodedInstance, ParsedInstance, encode_instance, is_valid
 from .rebuild import RebuiltInstance, UnavailableSyntaxError, available_syntaxes, rebuild
 from .series import append_instance, append_instances, append_tombstone, live_instances
 from .stored import StoredInstance
-from .volume import RecordLocation, Volume, VolumeFullError, VolumeNotFoundError, VolumeReplacedError
+from .volume import (
+    KeepRecord,
+    RecordLocation,
+    Volume,
+    VolumeFullError,
+    VolumeNotFoundError,
+    VolumeReplacedError,
+)
 
 __all__ = [
     "CorruptRecordError",
@@ -34,6 +41,7 @@ __all__ = [
     "DicomSeries",
     "EncodedInstance",
     "InvalidDatasetError",
+    "KeepRecord",
     "ParsedInstance",
     "RebuiltInstance",
     "RecordKind",

@@ -54,6 +54,16 @@ class VolumeNotFoundError(DcbsFormatError):
     """No volume file at the path (and it was not to be created)."""
 
 
+class KeepRecord(Exception):
+    """Raised by an append's ``on_written`` callback, after its ``wait_durable()`` returned, to fail the
+    append but leave the durable record in the volume: something may refer to it already (an index
+    commit whose outcome is unknown).  The append raises ``error`` instead."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True, slots=True)
 class RecordLocation:
     """Where a record lives in its volume: byte offset of its header and its total length."""
@@ -216,6 +226,7 @@ class Volume:
         thread: it gets the location and a ``wait_durable()`` it must call before it makes the record
         known anywhere (``wait_durable`` raises the fsync's error).  The archive prepares its index
         transaction meanwhile and commits after the wait, which saves the fsync's time on every store.
+        If it raises :class:`KeepRecord`, the record stays and the append raises the error it carries.
         """
         record = NewRecord(kind, meta, data_parts, layout, dictionary_id)
         if on_written is not None:
@@ -323,6 +334,9 @@ class Volume:
             result = None if callback is None else callback(locations, self._waiter(sync))
             if sync is not None:
                 self._waiter(sync)()
+        except KeepRecord as keep:  # durable already: the callback waited for it
+            self._known_end = position
+            raise keep.error from None
         except BaseException:
             if sync is not None:
                 sync.settle()  # before the cut: no fsync may still be running on the old length

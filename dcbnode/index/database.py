@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -81,13 +82,27 @@ class OutageNotice:
         self._log.info("%s resumed: the index database is reachable again", self._what)
 
 
+class CommitUnknownError(Exception):
+    """The COMMIT itself failed (:meth:`Index.committing`): it was sent, and whether it took effect is not
+    known.  A connection that breaks before the server's reply (the server stopped or the backend was
+    terminated at that instant, a network error) raises the same error whether the server applied the
+    transaction or not: psycopg's ``OperationalError`` "consuming input failed: server closed the
+    connection unexpectedly".  Ask again (:mod:`.commit_outcome`).  ``error`` is the database error."""
+
+    def __init__(self, error: DBAPIError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Index:
     """The index database: engine, sessions and the schema's version check."""
 
     def __init__(self, url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         """``busy_timeout``: seconds a SQLite statement waits for another process's lock (unused for
-        PostgreSQL, whose row locks are only held by the node's own short transactions)."""
+        PostgreSQL, whose row locks are only held by the node's own short transactions); with either
+        database, how long a store whose COMMIT failed asks whether it took effect (:mod:`.commit_outcome`)."""
         self.url = url
+        self.busy_timeout = busy_timeout
         if url.startswith("sqlite"):
             self.engine: Engine = create_engine(url, connect_args={"timeout": busy_timeout,
                                                                    "check_same_thread": False})
@@ -109,13 +124,29 @@ class Index:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session committed on success and rolled back on error."""
+        try:
+            with self.committing() as session:
+                yield session
+        except CommitUnknownError as failed:
+            raise failed.error from None
+
+    @contextmanager
+    def committing(self) -> Iterator[Session]:
+        """Like :meth:`session`, but a failure of the COMMIT itself raises :class:`CommitUnknownError`
+        (errors before it propagate as they are: the transaction did not take effect)."""
         with self._sessions() as session:
             try:
                 yield session
-                session.commit()
+                session.flush()
             except BaseException:
                 session.rollback()
                 raise
+            try:
+                session.commit()
+            except DBAPIError as exc:
+                with contextlib.suppress(DBAPIError):
+                    session.rollback()
+                raise CommitUnknownError(exc) from exc
 
     def dispose(self) -> None:
         """Close pooled connections."""
