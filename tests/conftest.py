@@ -171,10 +171,27 @@ def _postgres_database(base_url: str) -> Iterator[str]:
         try:
             yield url.set(database=name).render_as_string(hide_password=False)
         finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            _drop_database(admin, name)
     finally:
         admin.dispose()
+
+
+def _drop_database(admin: Any, name: str) -> None:
+    """DROP DATABASE … WITH (FORCE), tried again while it fails on an autovacuum worker in the database:
+    PostgreSQL 15 refuses to terminate it for a user that is not a superuser ("must be a member of the
+    role whose process is being terminated"); the worker ends by itself within moments."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import ProgrammingError
+
+    for attempt in range(20):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError as exc:
+            if "must be a member of the role" not in str(exc) or attempt == 19:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
