@@ -190,6 +190,8 @@ class Supervisor:
     def _report_serving(self) -> None:
         """Say once when no worker can serve (every one failing again and again), and once when one does
         again: in the log and in the systemd status."""
+        if self._stopping:
+            return
         workers = [child for child in self._children if child.is_worker]
         serving = any(child.pid and child.ready_since is not None for child in workers)
         if not self._down and not serving and all(child.failures >= _FAILING for child in workers):
