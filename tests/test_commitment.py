@@ -201,11 +201,12 @@ def test_requests_refused(running_node, calling: str, request_changes: dict[str,
 
 def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: str, tmp_path: Path) -> None:
     """Two senders (as two node processes would be) on one index: one claim at a time; a claim whose
-    lease has expired, or whose process on this host has ended, is free again."""
+    lease has expired, or whose process on this host has ended, is free again; a repeated request is
+    kept once, a conflicting one refused."""
     import os
     import socket
 
-    from dcbnode.archive.commitment import CommitmentQueue, Reference
+    from dcbnode.archive.commitment import CommitmentQueue, Reference, TransactionConflict
     from dcbnode.index import Index
     from dcbnode.net.commitment_scp import _process_gone
 
@@ -214,10 +215,24 @@ def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: st
     try:
         first = CommitmentQueue(index, f"{socket.gethostname()}:{os.getpid()}:first", lease=3600)
         second = CommitmentQueue(index, f"{socket.gethostname()}:{os.getpid()}:second", lease=3600)
-        request = first.add(generate_uid(), MODALITY, [Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+        references = [Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())]
+        transaction = generate_uid()
+        admitted = first.admit(transaction, MODALITY, references)
+        assert admitted.pending is not None and not admitted.repeat
+        request = admitted.pending.id
+        assert first.due() == [] == second.due() and second.claim(request) is None  # admitted claimed
+        # The same request again: kept once; its sender holds it, so nobody else reports it now.
+        again = second.admit(transaction, MODALITY, references)
+        assert again.repeat and again.pending is None and first.count() == 1
+        with pytest.raises(TransactionConflict, match="with other references"):
+            second.admit(transaction, MODALITY, [*references, Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+        with pytest.raises(TransactionConflict, match="for another AE"):
+            second.admit(transaction, "OTHER", references)
+        first.release(request, retry_in=0)
         assert first.due() == [request] == second.due()
         assert first.claim(request) is not None
         assert second.claim(request) is None and second.due() == []
+        assert first.renew(request) and not second.renew(request)
         first.release(request, retry_in=3600)
         assert second.due() == [] and second.claim(request) is not None  # claim() ignores the retry time
         assert CommitmentQueue(index, "other:1:x", lease=0).claim(request) is not None  # lease expired
@@ -228,8 +243,118 @@ def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: st
         taken = CommitmentQueue(index, "other:1:x", lease=3600)
         taken.finish(request)
         assert first.count() == 0
-        request = dead.add(generate_uid(), MODALITY, [])
-        assert dead.claim(request) is not None
-        assert first.release_abandoned(_process_gone) == 1 and first.claim(request) is not None
+        # Once answered, the Transaction UID may come again: a new request.
+        anew = first.admit(transaction, MODALITY, references)
+        assert not anew.repeat and anew.pending is not None
+        first.finish(anew.pending.id)
+        left = dead.admit(generate_uid(), MODALITY, references).pending
+        assert left is not None and first.claim(left.id) is None
+        assert first.release_abandoned(_process_gone) == 1 and first.claim(left.id) is not None
     finally:
         index.dispose()
+
+
+def _ask_on_one_association(node: RunningNode, requests: list[Dataset], *, reports_expected: int,
+                            gate: threading.Event | None = None) -> tuple[list[Dataset], Reports]:
+    """Several N-ACTIONs on ONE association of a stock pynetdicom SCU, sent one after the other as soon
+    as each response is in (not waiting for reports); then the association stays open until
+    ``reports_expected`` reports have arrived on it (or the generous wait is over), and is released.
+
+    ``gate``: the SCU answers no report before it is set (by the caller, while requests go on)."""
+    reports: Reports = []
+
+    def on_report(event: Any) -> tuple[int, None]:
+        assert gate is None or gate.wait(_WAIT)
+        reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        statuses = []
+        for number, request in enumerate(requests, 1):
+            status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel,
+                                            StorageCommitmentPushModelInstance, msg_id=number)
+            statuses.append(status)
+        if gate is not None:
+            gate.set()
+        if reports_expected:
+            assert wait_until(lambda: len(reports) >= reports_expected, _WAIT), node.log()[-3000:]
+            assert assoc.is_established, node.log()[-3000:]
+    finally:
+        assoc.release()
+    return statuses, reports
+
+
+def _pending_count(node: RunningNode) -> int:
+    from dcbnode.archive.commitment import CommitmentQueue
+
+    archive = read_back(node.data_dir)
+    try:
+        return CommitmentQueue(archive.index, "test:0:reader", lease=3600).count()
+    finally:
+        archive.close()
+
+
+def test_two_requests_on_one_association_get_a_report_each(running_node) -> None:
+    node = _start(running_node, free_port())
+    first, second = _ct(generate_uid()), _ct(generate_uid())
+    assert [s.Status for s in scu_store(node, [first, second], calling_aet=MODALITY)] == [0, 0]
+    ct_class = str(first.SOPClassUID)
+    never_sent = generate_uid()
+    requests = [_request([(ct_class, first.SOPInstanceUID)]),
+                _request([(ct_class, second.SOPInstanceUID), (ct_class, never_sent)])]
+    statuses, reports = _ask_on_one_association(node, requests, reports_expected=2)
+    assert [status.Status for status in statuses] == [0, 0]
+    by_transaction = {str(info.TransactionUID): (event_type, info) for event_type, info in reports}
+    assert len(reports) == 2 and set(by_transaction) == {r.TransactionUID for r in requests}
+    event_type, info = by_transaction[requests[0].TransactionUID]
+    assert event_type == 1 and _uids(info.ReferencedSOPSequence) == [first.SOPInstanceUID]
+    event_type, info = by_transaction[requests[1].TransactionUID]
+    assert event_type == 2 and _uids(info.ReferencedSOPSequence) == [second.SOPInstanceUID]
+    assert _uids(info.FailedSOPSequence) == [never_sent]
+    assert wait_until(lambda: node.log().count("on the same association, status 0x0000") == 2), node.log()
+    assert "new association" not in node.log()
+    assert wait_until(lambda: _pending_count(node) == 0)
+
+
+def test_a_repeated_transaction_uid_gets_one_report(running_node) -> None:
+    """The requestor asks again with the Transaction UID whose report it has not answered yet: the same
+    request, one report; the same UID with other references is refused; a third request still gets its
+    report, after the first (reports go in the order of the requests, so a second report for the first
+    would have come before it)."""
+    node = _start(running_node, free_port())
+    stored = _ct(generate_uid())
+    assert scu_store(node, [stored], calling_aet=MODALITY)[0].Status == 0
+    ct_class = str(stored.SOPClassUID)
+    first = _request([(ct_class, stored.SOPInstanceUID)])
+    conflicting = _request([(ct_class, stored.SOPInstanceUID), (ct_class, generate_uid())], first.TransactionUID)
+    third = _request([(ct_class, stored.SOPInstanceUID)])
+    statuses, reports = _ask_on_one_association(node, [first, first, conflicting, third], reports_expected=2,
+                                                gate=threading.Event())
+    assert [status.Status for status in statuses] == [0, 0, 0x0115, 0]
+    assert statuses[2].ErrorComment == "Transaction UID pending with other references; use a new one"
+    assert [str(info.TransactionUID) for _, info in reports] == [first.TransactionUID, third.TransactionUID]
+    assert all(event_type == 1 for event_type, _ in reports)
+    assert "repeats a pending one whose report is being sent right now: status 0x0000, no second report" in node.log()
+    assert wait_until(lambda: _pending_count(node) == 0)
+
+
+def test_requests_left_behind_by_a_release_are_reported_on_new_associations(running_node) -> None:
+    """Three requests on one association, released at once: every report goes out, each exactly once (on
+    the same association for any sent before the release, else on a new one)."""
+    port = free_port()
+    node = _start(running_node, port)
+    stored = _ct(generate_uid())
+    assert scu_store(node, [stored], calling_aet=MODALITY)[0].Status == 0
+    requests = [_request([(str(stored.SOPClassUID), stored.SOPInstanceUID)]) for _ in range(3)]
+    with _modality_scp(port) as (reports, _):
+        statuses, same = _ask_on_one_association(node, requests, reports_expected=0)
+        assert [status.Status for status in statuses] == [0, 0, 0]
+        # Once no request is left, every delivery has happened (a request is forgotten only after its
+        # report was answered, and the SCP records a report before answering it).
+        assert wait_until(lambda: _pending_count(node) == 0, _WAIT), node.log()[-3000:]
+    transactions = sorted(str(info.TransactionUID) for _, info in [*same, *reports])
+    assert transactions == sorted(r.TransactionUID for r in requests), node.log()[-3000:]

@@ -1,12 +1,18 @@
 """Storage Commitment (PS3.4 Annex J) without the network: the requests waiting for their report, kept in
 the index, and the assessment of what a request references.
 
-A request is written (:meth:`CommitmentQueue.add`) before its N-ACTION is answered and deleted
+A request is written (:meth:`CommitmentQueue.admit`) before its N-ACTION is answered and deleted
 (:meth:`CommitmentQueue.finish`) once its N-EVENT-REPORT was delivered, so a request the node accepted is
-answered even after a crash.  Whoever sends a report first claims the request with one conditional
-``UPDATE`` (``claimed_by`` set only where it is free, or where the claim is older than the lease: its
-sender died), so several node processes sharing one index never send the same report twice at once, and
-a claim left by a killed process is taken over once its lease has expired.
+answered even after a crash.  It is written claimed by the process that received it (which tries its
+report on the requesting association); any other sender claims a request with one conditional ``UPDATE``
+(``claimed_by`` set only where it is free, or where the claim is older than the lease: its sender died),
+so several node processes sharing one index never send the same report twice at once, and a claim left
+by a killed process is taken over once its lease has expired.
+
+A request that repeats the Transaction UID of one still pending, from the same AE with the same
+references, is the same request asked again (a requestor that did not get its report in time): it is
+not kept twice.  The same Transaction UID with other references or from another AE is refused
+(:class:`TransactionConflict`): its report could not be told apart from the pending one's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
@@ -25,8 +32,9 @@ from ..index.models import CommitmentRequest
 from .archive import Archive
 from .verification import verify_instance
 
-__all__ = ["CLASS_INSTANCE_CONFLICT", "NO_SUCH_OBJECT_INSTANCE", "PROCESSING_FAILURE", "CommitmentQueue",
-           "CommitmentResult", "PendingCommitment", "Reference", "assess"]
+__all__ = ["CLASS_INSTANCE_CONFLICT", "NO_SUCH_OBJECT_INSTANCE", "PROCESSING_FAILURE", "Admission",
+           "CommitmentQueue", "CommitmentResult", "PendingCommitment", "Reference", "TransactionConflict",
+           "assess"]
 
 log = logging.getLogger("dcbnode.commitment")
 
@@ -64,6 +72,22 @@ class PendingCommitment:
     calling_ae_title: str
     references: tuple[Reference, ...]
     attempts: int
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`CommitmentQueue.admit` did with a request."""
+
+    #: the request, claimed by the admitting sender (its report is that sender's to send); None when it
+    #: repeats a pending request another sender is delivering right now
+    pending: PendingCommitment | None
+    #: it repeats a pending request (same Transaction UID, AE and references): nothing new was kept
+    repeat: bool
+
+
+class TransactionConflict(Exception):
+    """The Transaction UID is pending for a request from another AE or with other references."""
 
 
 def assess(archive: Archive, transaction_uid: str, references: Iterable[Reference]) -> CommitmentResult:
@@ -94,6 +118,15 @@ def _now() -> datetime:
 _TABLE = CommitmentRequest.__table__
 
 
+def _decode(references: str) -> list[Reference]:
+    return [Reference(str(sop_class), str(sop_instance)) for sop_class, sop_instance in json.loads(references)]
+
+
+def _pending(row: Any) -> PendingCommitment:
+    return PendingCommitment(int(row.id), row.transaction_uid, row.calling_ae_title, tuple(_decode(row.references)),
+                             int(row.attempts), row.received_at)
+
+
 class CommitmentQueue:
     """The ``commitment_requests`` table, seen by one sender ``owner`` (unique per process).
 
@@ -105,32 +138,51 @@ class CommitmentQueue:
         self.owner = owner
         self.lease = timedelta(seconds=lease)
 
-    def add(self, transaction_uid: str, calling_ae_title: str, references: Sequence[Reference],
-            hold: float = 0.0) -> int:
-        """Keep a new request (committed when this returns); its id.  :meth:`due` offers it only after
-        ``hold`` seconds (:meth:`claim` takes it at once)."""
+    def admit(self, transaction_uid: str, calling_ae_title: str, references: Sequence[Reference]) -> Admission:
+        """Keep a new request (committed when this returns), claimed by this sender; or take up the pending
+        request it repeats.  Raises :class:`TransactionConflict` (nothing kept) when the Transaction UID is
+        pending with another AE or other references."""
         now = _now()
-        row = CommitmentRequest(
-            transaction_uid=transaction_uid, calling_ae_title=calling_ae_title,
-            references=json.dumps([[r.sop_class_uid, r.sop_instance_uid] for r in references]),
-            received_at=now, not_before=now + timedelta(seconds=hold), attempts=0)
         with self.index.session() as session:
+            rows = session.execute(select(_TABLE).where(_TABLE.c.transaction_uid == transaction_uid)
+                                   .order_by(_TABLE.c.id)).all()
+            for row in rows:
+                if row.calling_ae_title != calling_ae_title:
+                    raise TransactionConflict("Transaction UID pending for another AE")
+                if set(_decode(row.references)) != set(references):
+                    raise TransactionConflict("Transaction UID pending with other references")
+            if rows:
+                taken = session.execute(update(_TABLE).where(_TABLE.c.id == rows[0].id, self._claimable(now))
+                                        .values(claimed_by=self.owner, claimed_at=now)).rowcount == 1
+                return Admission(_pending(rows[0]) if taken else None, repeat=True)
+            row = CommitmentRequest(
+                transaction_uid=transaction_uid, calling_ae_title=calling_ae_title,
+                references=json.dumps([[r.sop_class_uid, r.sop_instance_uid] for r in references]),
+                received_at=now, not_before=now, attempts=0, claimed_by=self.owner, claimed_at=now)
             session.add(row)
             session.flush()
-            return int(row.id)
+            return Admission(PendingCommitment(int(row.id), transaction_uid, calling_ae_title, tuple(references), 0,
+                                               now), repeat=False)
+
+    def _claimable(self, now: datetime) -> Any:
+        return or_(_TABLE.c.claimed_by.is_(None), _TABLE.c.claimed_at < now - self.lease)
 
     def claim(self, request_id: int) -> PendingCommitment | None:
         """Take the request ``request_id`` if nobody holds it; None if somebody does, or it is gone."""
         now = _now()
-        claimable = or_(_TABLE.c.claimed_by.is_(None), _TABLE.c.claimed_at < now - self.lease)
         with self.index.session() as session:
-            taken = session.execute(update(_TABLE).where(_TABLE.c.id == request_id, claimable)
+            taken = session.execute(update(_TABLE).where(_TABLE.c.id == request_id, self._claimable(now))
                                     .values(claimed_by=self.owner, claimed_at=now))
             if taken.rowcount != 1:
                 return None
-            row = session.execute(select(_TABLE).where(_TABLE.c.id == request_id)).one()
-        references = tuple(Reference(str(c), str(i)) for c, i in json.loads(row.references))
-        return PendingCommitment(row.id, row.transaction_uid, row.calling_ae_title, references, row.attempts)
+            return _pending(session.execute(select(_TABLE).where(_TABLE.c.id == request_id)).one())
+
+    def renew(self, request_id: int) -> bool:
+        """Renew this sender's claim on ``request_id`` (its lease starts again); False if it holds it no
+        longer (the lease expired and another sender took it, or an administrator dropped it)."""
+        with self.index.session() as session:
+            return session.execute(update(_TABLE).where(_TABLE.c.id == request_id, _TABLE.c.claimed_by == self.owner)
+                                   .values(claimed_at=_now())).rowcount == 1
 
     def due(self, limit: int = 16) -> list[int]:
         """Ids of requests a sender may claim now: free and past their retry time, or abandoned."""
@@ -141,11 +193,13 @@ class CommitmentQueue:
                                    .order_by(_TABLE.c.id).limit(limit))
             return [int(request_id) for (request_id,) in rows]
 
-    def release(self, request_id: int, retry_in: float) -> None:
-        """Give a claimed request back, to be tried again in ``retry_in`` seconds."""
+    def release(self, request_id: int, retry_in: float, *, attempted: bool = True) -> None:
+        """Give a claimed request back, to be tried again in ``retry_in`` seconds; ``attempted``: a
+        delivery was tried (and failed), not just handed over unsent."""
         with self.index.session() as session:
             session.execute(update(_TABLE).where(_TABLE.c.id == request_id, _TABLE.c.claimed_by == self.owner)
-                            .values(claimed_by=None, claimed_at=None, attempts=_TABLE.c.attempts + 1,
+                            .values(claimed_by=None, claimed_at=None,
+                                    attempts=_TABLE.c.attempts + (1 if attempted else 0),
                                     not_before=_now() + timedelta(seconds=retry_in)))
 
     def finish(self, request_id: int) -> None:

@@ -7,37 +7,51 @@
 * **N-EVENT-REPORT**: each referenced instance is checked (:func:`~dcbnode.archive.commitment.assess`:
   indexed, i.e. fsynced and committed, of the named class, every checksum of its record right); Event Type
   1 when all are, else 2 with the Failed SOP Sequence and a Failure Reason per instance (J.3.3).  The
-  report goes on the requesting association once the N-ACTION response has left, if the requestor has not
-  asked to release it; otherwise the :class:`CommitmentService` thread sends it on a new association to
-  the requestor's ``[peers]`` entry, proposing the SCP role (J.3.3.1.3), and retries every
-  ``[storage] commitment_retry_interval`` seconds until a response comes back.  Requests left by a
-  stopped or killed node are sent after its restart.
+  reports owed on a requesting association (:class:`_AssociationReports`) go there one at a time, in the
+  order of the requests, each once its N-ACTION response has left, while the association's reactor keeps
+  serving the requestor (:mod:`.replies`: its next N-ACTION is answered meanwhile).  A report that
+  cannot go there (the requestor released the association, or did not answer) is handed to the
+  :class:`CommitmentService` thread, which sends it on a new association to the requestor's ``[peers]``
+  entry, proposing the SCP role (J.3.3.1.3), and retries every ``[storage] commitment_retry_interval``
+  seconds until a response comes back.  Requests left by a stopped or killed node are sent after its
+  restart.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import threading
 import uuid
-from typing import Any, Final
+from io import BytesIO
+from typing import Any, Final, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
-from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 from sqlalchemy.exc import DBAPIError
 
-from ..archive.commitment import CommitmentQueue, CommitmentResult, PendingCommitment, Reference, assess
+from ..archive.commitment import (
+    CommitmentQueue,
+    CommitmentResult,
+    PendingCommitment,
+    Reference,
+    TransactionConflict,
+    assess,
+)
 from ..dcbs import is_valid_uid
 from ..index.database import OutageNotice
 from .access import operation_refusal
 from .context import NodeContext
+from .replies import send_request
 from .store_scp import status
 
 __all__ = ["CommitmentService", "report_dataset"]
@@ -49,9 +63,6 @@ EVENT_SUCCESSFUL, EVENT_FAILURES_EXIST = 1, 2  #: Event Type IDs (PS3.4 J.3.3)
 # N-ACTION response statuses (PS3.7 10.1.4.1.10)
 _SUCCESS, _PROCESSING_FAILURE, _NO_SUCH_INSTANCE = 0x0000, 0x0110, 0x0112
 _INVALID_ARGUMENT, _NO_SUCH_ACTION, _MISSING_ATTRIBUTE, _RESOURCE_LIMITATION = 0x0115, 0x0123, 0x0120, 0x0213
-#: How long a new request is left to the attempt on the requesting association before the sender thread
-#: may take it (it takes it at once when that attempt fails; this only matters if the attempt never ends).
-_SAME_ASSOCIATION_HOLD = 30.0
 #: How often the sender looks for requests to deliver (and is woken sooner when one is handed to it).
 _POLL_SECONDS = 1.0
 
@@ -145,32 +156,48 @@ class CommitmentService:
             return status(_PROCESSING_FAILURE, f"calling AE {calling} is not in the node's [peers]")
         transaction = str(information.TransactionUID)
         try:
-            # Held back from the sender thread while the report is tried on this association.
-            request_id = self.queue.add(transaction, calling, references, hold=_SAME_ASSOCIATION_HOLD)
+            admission = self.queue.admit(transaction, calling, references)
+        except TransactionConflict as conflict:
+            return status(_INVALID_ARGUMENT, f"{conflict}; use a new one")
         except Exception:
             log.exception("storage commitment request %s from %s cannot be kept", transaction, calling)
             return status(_RESOURCE_LIMITATION, "the request cannot be recorded; retry later")
-        log.info("storage commitment request %s from %s: %d instance(s), status 0x0000", transaction, calling,
-                 len(references))
-        _SameAssociation(self, event.assoc, int(request.MessageID), request_id).watch()
+        if not admission.repeat:
+            log.info("storage commitment request %s from %s: %d instance(s), status 0x0000", transaction, calling,
+                     len(references))
+        elif admission.pending is not None:
+            log.info("storage commitment request %s from %s repeats a pending one: status 0x0000, one report",
+                     transaction, calling)
+        else:
+            log.info("storage commitment request %s from %s repeats a pending one whose report is being sent "
+                     "right now: status 0x0000, no second report", transaction, calling)
+        if admission.pending is not None:
+            _AssociationReports.of(self, event.assoc).owe(int(request.MessageID), admission.pending)
         return _SUCCESS
 
     # -- delivery ----------------------------------------------------------------------------------------
 
-    def report_on(self, assoc: Association, request_id: int) -> None:
-        """Send the report of ``request_id`` on ``assoc`` (the requestor's, the N-ACTION response sent);
-        hand it to the sender thread if the association is ending or the report goes unanswered."""
-        pending = self.queue.claim(request_id)
-        if pending is None:  # the sender thread has it already
-            return
+    def report_here(self, assoc: Association, pending: PendingCommitment) -> bool:
+        """Send the report of ``pending`` (claimed by this process) on ``assoc``, the requestor's
+        association, its N-ACTION response sent; True if the requestor answered it.  Otherwise the
+        request is handed to the sender thread (a new association)."""
         delivered = False
         try:
-            event_type, information = self._report(pending)
-            delivered = _send_on(assoc, event_type, information, pending, "same association")
+            if self.queue.renew(pending.id):  # else dropped, or taken over by another sender
+                event_type, information = self._report(pending)
+                delivered = _send_on(assoc, event_type, information, pending, "same association")
         finally:
-            self._settle(pending, delivered, retry_in=0.0)
-            if not delivered:
-                self.wake()
+            self.hand_over(pending, delivered)
+        return delivered
+
+    def hand_over(self, pending: PendingCommitment, delivered: bool) -> None:
+        """Forget a delivered request; give one whose report did not reach the requesting association to
+        the sender thread, at once and without counting an attempt."""
+        if delivered:
+            self.queue.finish(pending.id)
+        else:
+            self.queue.release(pending.id, 0.0, attempted=False)
+            self.wake()
 
     def wake(self) -> None:
         """Make the sender thread look for requests to deliver now."""
@@ -179,12 +206,6 @@ class CommitmentService:
     def _report(self, pending: PendingCommitment) -> tuple[int, Dataset]:
         result = assess(self.context.archive, pending.transaction_uid, pending.references)
         return report_dataset(result, self.context.config.node.ae_title)
-
-    def _settle(self, pending: PendingCommitment, delivered: bool, retry_in: float) -> None:
-        if delivered:
-            self.queue.finish(pending.id)
-        else:
-            self.queue.release(pending.id, retry_in)
 
     def deliver(self, request_id: int) -> None:
         """Claim ``request_id`` and send its report on a new association to the requestor."""
@@ -221,7 +242,10 @@ class CommitmentService:
                             "in %g s", pending.transaction_uid, peer.ae_title, peer.host, peer.port,
                             pending.attempts + 1, retry)
         finally:
-            self._settle(pending, delivered, retry_in=retry)
+            if delivered:
+                self.queue.finish(pending.id)
+            else:
+                self.queue.release(pending.id, retry)
 
     # -- the sender thread --------------------------------------------------------------------------------
 
@@ -285,16 +309,14 @@ def _process_gone(owner: str) -> bool:
 def _send_on(assoc: Association, event_type: int, information: Dataset, pending: PendingCommitment,
              how: str) -> bool:
     """Send one N-EVENT-REPORT on ``assoc``; True if the peer answered it."""
-    watcher = _ReleaseWatcher(assoc)
-    assoc.bind(evt.EVT_PDU_RECV, watcher.pdu_received)
-    try:
-        if not assoc.is_established or watcher.release_queued():
-            return False
+    if not assoc.is_established or _release_queued(assoc):
+        return False
+    if how == "same association":
+        code = _report_on_accepted(assoc, event_type, information)
+    else:
         reply, _ = assoc.send_n_event_report(information, event_type, StorageCommitmentPushModel,
                                              StorageCommitmentPushModelInstance)
-    finally:
-        assoc.unbind(evt.EVT_PDU_RECV, watcher.pdu_received)
-    code = getattr(reply, "Status", None)
+        code = getattr(reply, "Status", None)
     if code is None:
         return False
     failed = len(information.get("FailedSOPSequence", []))
@@ -305,54 +327,105 @@ def _send_on(assoc: Association, event_type: int, information: Dataset, pending:
     return True
 
 
-class _ReleaseWatcher:
-    """Ends the wait for an N-EVENT-REPORT reply when the requestor asks to release the association.
+def _release_queued(assoc: Association) -> bool:
+    """Whether the requestor has asked to release ``assoc`` (an A-RELEASE request waits for its reactor,
+    peeked, not taken): a requestor may release at any time after the N-ACTION response (PS3.4 J.3.2.1.2),
+    and does not answer a request then."""
+    primitive = assoc.dul.peek_next_pdu()
+    return isinstance(primitive, A_RELEASE) and primitive.result is None
 
-    A requestor may release at any time after the N-ACTION response (PS3.4 J.3.2.1.2), and it does not
-    answer a request then: without this, the wait would last the DIMSE timeout while the requestor waits
-    for its release to be answered.  ``(None, None)`` on the DIMSE queue is how pynetdicom itself wakes a
-    waiting request when the connection ends ("no reply").
+
+def _report_on_accepted(assoc: Association, event_type: int, information: Dataset) -> int | None:
+    """Send the N-EVENT-REPORT on an association the node accepted, its reactor serving the requestor
+    meanwhile (:func:`~.replies.send_request`); the reply's status, None without one (no reply within
+    the DIMSE timeout, or the requestor released or aborted the association first)."""
+    context = assoc._get_valid_context(StorageCommitmentPushModel, "", None)
+    syntax = context.transfer_syntax[0]
+    request = N_EVENT_REPORT()
+    request.AffectedSOPClassUID = StorageCommitmentPushModel
+    request.AffectedSOPInstanceUID = StorageCommitmentPushModelInstance
+    request.EventTypeID = event_type
+    request.EventInformation = BytesIO(encode(information, syntax.is_implicit_VR, syntax.is_little_endian,
+                                              syntax.is_deflated))
+    reply = send_request(assoc, request, cast(int, context.context_id), assoc.dimse_timeout)
+    if reply is None:
+        if assoc.is_established:
+            log.warning("%s did not answer the storage commitment report within node.dimse_timeout; it is "
+                        "sent again on a new association", assoc.requestor.ae_title.strip())
+        else:
+            log.info("%s ended the association while the storage commitment report was on its way; it is "
+                     "sent again on a new association", assoc.requestor.ae_title.strip())
+        return None
+    return getattr(reply, "Status", None)
+
+
+class _AssociationReports:
+    """The reports owed on one association the node accepted.
+
+    Each is sent once its N-ACTION response has left (``EVT_DIMSE_SENT``, triggered while the DIMSE
+    provider holds its send lock, so the report cannot overtake the response), one at a time (no
+    asynchronous operations window is negotiated) and in the order of the requests, by a thread that
+    lives while any is owed.  When the association ends, those not delivered go to the sender thread.
     """
 
-    def __init__(self, assoc: Association) -> None:
-        self.assoc = assoc
+    def __init__(self, service: CommitmentService, assoc: Association) -> None:
+        self.service, self.assoc = service, assoc
+        self._lock = threading.Lock()
+        self._answering: dict[int, PendingCommitment] = {}  #: N-ACTION Message ID -> its request
+        self._ready: collections.deque[PendingCommitment] = collections.deque()
+        self._sending = False
+        assoc.bind(evt.EVT_DIMSE_SENT, self._sent)
+        assoc.bind(evt.EVT_CONN_CLOSE, self._closed)
 
-    def release_queued(self) -> bool:
-        """Whether an A-RELEASE request waits for the association's reactor (peeked, not taken)."""
-        primitive = self.assoc.dul.peek_next_pdu()
-        return isinstance(primitive, A_RELEASE) and primitive.result is None
+    @classmethod
+    def of(cls, service: CommitmentService, assoc: Association) -> _AssociationReports:
+        """The association's (made on its first request; only its reactor thread calls this)."""
+        reports = getattr(assoc, "dcbnode_commitment_reports", None)
+        if reports is None:
+            reports = assoc.dcbnode_commitment_reports = cls(service, assoc)  # type: ignore[attr-defined]
+        return cast(_AssociationReports, reports)
 
-    def pdu_received(self, event: Event) -> None:
-        """EVT_PDU_RECV (DUL thread)."""
-        if isinstance(event.pdu, A_RELEASE_RQ):
-            # pynetdicom then logs "DIMSE timeout reached" and aborts the association: the requestor's
-            # release raced the report (PS3.4 J.3.3.1.2 Note 1); the report goes on a new association.
-            log.info("%s released the association while the storage commitment report was on its way; "
-                     "it is sent again on a new association", self.assoc.requestor.ae_title.strip())
-            self.assoc.dimse.msg_queue.put((None, None))
-
-
-class _SameAssociation:
-    """Sends a request's report on the requesting association once its N-ACTION response has left."""
-
-    def __init__(self, service: CommitmentService, assoc: Association, message_id: int, request_id: int) -> None:
-        self.service, self.assoc, self.message_id, self.request_id = service, assoc, message_id, request_id
-
-    def watch(self) -> None:
-        self.assoc.bind(evt.EVT_DIMSE_SENT, self._sent)
+    def owe(self, message_id: int, pending: PendingCommitment) -> None:
+        """The report of ``pending`` is owed once the response to N-ACTION ``message_id`` has been sent."""
+        with self._lock:
+            self._answering[message_id] = pending
 
     def _sent(self, event: Event) -> None:
-        """EVT_DIMSE_SENT, in the association's reactor thread, inside pynetdicom's N-ACTION service."""
-        command: Any = event.message.command_set
-        if type(event.message).__name__ != "N_ACTION_RSP" or command.MessageIDBeingRespondedTo != self.message_id:
+        """EVT_DIMSE_SENT, in the association's reactor thread, inside the N-ACTION service."""
+        if type(event.message).__name__ != "N_ACTION_RSP":
             return
-        # A thread of its own: the reactor must first leave the N-ACTION service, after which the report's
-        # send pauses it (pynetdicom's send_* protocol), and unbinding inside the trigger is not safe.
-        threading.Thread(target=self._report, name="dcbnode-commitment-report", daemon=True).start()
+        command: Any = event.message.command_set
+        with self._lock:
+            pending = self._answering.pop(int(command.MessageIDBeingRespondedTo), None)
+            if pending is None:
+                return
+            self._ready.append(pending)
+            if self._sending:
+                return
+            self._sending = True
+        threading.Thread(target=self._send_all, name="dcbnode-commitment-report", daemon=True).start()
 
-    def _report(self) -> None:
-        self.assoc.unbind(evt.EVT_DIMSE_SENT, self._sent)
-        try:
-            self.service.report_on(self.assoc, self.request_id)
-        except Exception:
-            log.exception("storage commitment report on the requesting association failed")
+    def _send_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ready:
+                    self._sending = False
+                    return
+                pending = self._ready.popleft()
+            try:
+                self.service.report_here(self.assoc, pending)
+            except Exception:
+                log.exception("storage commitment %s: report on the requesting association failed",
+                              pending.transaction_uid)
+
+    def _closed(self, _event: Event) -> None:
+        """EVT_CONN_CLOSE: requests whose N-ACTION response never left go to the sender thread (those
+        ready to send find the association closed and go there too)."""
+        with self._lock:
+            orphans = list(self._answering.values())
+            self._answering.clear()
+        for pending in orphans:
+            try:
+                self.service.hand_over(pending, delivered=False)
+            except Exception:  # the index is down: the claim is freed at the next start, or when it expires
+                log.exception("storage commitment %s: cannot hand the report over", pending.transaction_uid)

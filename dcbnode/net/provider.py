@@ -11,7 +11,8 @@ echo``) runs stock pynetdicom.  dcbnode's associations are made of:
   ``send_c_store``; its reactor waits on its DIMSE queue instead of sleeping 1 ms between polls, so a
   received C-STORE reaches its handler at once.
 * :class:`NodeDIMSE` — queues a whole DIMSE message as one primitive (:mod:`.wire`); its reactor poll
-  takes nothing while a ``send_*()`` has paused the reactor to wait for its own reply.
+  takes nothing while a ``send_*()`` has paused the reactor to wait for its own reply; its queue hands
+  the replies to the node's own requests to the threads that wait for them (:mod:`.replies`).
 * :class:`NodeDUL` — sends such a message with one socket write; its idle wait ends as soon as the peer
   sends or a message is queued (pynetdicom's sleeps 1 ms).
 * :class:`NodeSocket` — reads a PDU up to 256 KiB per system call (pynetdicom's: 4 KiB); every read and
@@ -35,6 +36,7 @@ import queue
 import select
 import socket
 import ssl
+import threading
 import time
 import weakref
 from copy import copy
@@ -66,6 +68,7 @@ from pynetdicom.transport import AddressInformation, AssociationServer, Associat
 
 from .guard import HEADER, PDU_TYPES, header_refusal, io_deadline, remaining
 from .move_destination import answer_unreachable
+from .replies import ReplyRouter
 from .wire import (
     EncodedBytesIO,
     EncodedDataset,
@@ -277,8 +280,20 @@ class NodeDUL(DULServiceProvider):
 class NodeDIMSE(DIMSEServiceProvider):
     """The DIMSE provider of one association: whole messages queued as one primitive."""
 
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.msg_queue = ReplyRouter()
+        # Held while a message is handed to the DUL, EVT_DIMSE_SENT included: a message another thread
+        # sends from an EVT_DIMSE_SENT handler (a Storage Commitment report after its N-ACTION response)
+        # is queued after the one that triggered it, and the PDUs of two messages never interleave.
+        self._sending = threading.RLock()
+
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Queue the whole message as one :class:`~.wire.EncodedMessage` (see :mod:`.wire`)."""
+        with self._sending:
+            self._send(primitive, context_id)
+
+    def _send(self, primitive: Any, context_id: int) -> None:
         answer_unreachable(self.assoc, primitive)  # A801 for a configured C-MOVE destination -> C801
         if getattr(primitive, "_dataset_path", None) is not None:  # streamed from a file by pynetdicom
             super().send_msg(primitive, context_id)
@@ -633,6 +648,8 @@ def check_pynetdicom() -> None:
         problems.append("the DUL loop does not idle with time.sleep(_run_loop_delay) before socket.ready")
     if not {"encode_msg", "send_pdu", "primitive_to_message"} <= _names(DIMSEServiceProvider.send_msg):
         problems.append("DIMSEServiceProvider.send_msg does not queue encode_msg's P-DATA primitives")
+    if not {"msg_queue", "put"} <= _names(DIMSEServiceProvider.receive_primitive):
+        problems.append("DIMSEServiceProvider.receive_primitive does not put received messages in msg_queue")
     if not {"msg_queue", "get"} <= _names(DIMSEServiceProvider.get_msg) or not isinstance(
             DIMSEServiceProvider(None).msg_queue, queue.Queue):  # type: ignore[arg-type]
         problems.append("DIMSEServiceProvider.get_msg does not take from a queue.Queue")
