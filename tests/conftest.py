@@ -144,9 +144,8 @@ def _sweep_stale_databases(admin: Any) -> None:
 def _postgres_database(base_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards (even while a node still holds
     connections to it). Safe for concurrent test runs against one server: every name is unique."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
     from sqlalchemy.pool import NullPool
 
     global _pg_swept
@@ -157,17 +156,9 @@ def _postgres_database(base_url: str) -> Iterator[str]:
         if not _pg_swept:
             _pg_swept = True
             _sweep_stale_databases(admin)
-        for attempt in range(5):
-            try:
-                with admin.connect() as conn:
-                    conn.execute(text(f'CREATE DATABASE "{name}"'))
-                break
-            except OperationalError as exc:
-                # "source database template1 is being accessed by other users": somebody (another run,
-                # an admin) is connected to the template for a moment; CREATE DATABASE needs it alone.
-                if "being accessed by other users" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        # "source database template1 is being accessed by other users": somebody (another run, an
+        # admin) is connected to the template for a moment; CREATE DATABASE needs it alone.
+        _admin_statement(admin, f'CREATE DATABASE "{name}"', "being accessed by other users", attempts=5)
         try:
             yield url.set(database=name).render_as_string(hide_password=False)
         finally:
@@ -180,18 +171,25 @@ def _drop_database(admin: Any, name: str) -> None:
     """DROP DATABASE … WITH (FORCE), tried again while it fails on an autovacuum worker in the database:
     PostgreSQL 15 refuses to terminate it for a user that is not a superuser ("must be a member of the
     role whose process is being terminated"); the worker ends by itself within moments."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import ProgrammingError
+    _admin_statement(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', "must be a member of the role",
+                     attempts=20)
 
-    for attempt in range(20):
+
+def _admin_statement(admin: Any, statement: str, passing: str, *, attempts: int) -> None:
+    """Run ``statement`` (autocommit), again after a growing pause while it fails with an error whose
+    text holds ``passing`` (a transient conflict with another session), at most ``attempts`` times."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
         try:
             with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                conn.execute(text(statement))
             return
-        except ProgrammingError as exc:
-            if "must be a member of the role" not in str(exc) or attempt == 19:
+        except DBAPIError as exc:
+            if passing not in str(exc) or attempt == attempts - 1:
                 raise
-            time.sleep(0.5)
+            time.sleep(min(0.2 * (attempt + 1), 1.0))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
