@@ -200,8 +200,11 @@ class StorageConfig:
     """The ``[storage]`` table: what the Storage SCP accepts, and Storage Commitment."""
 
     accept_unknown_sop_classes: bool = True
-    #: seconds between two attempts to deliver a storage commitment report on a new association
+    #: seconds before the first new attempt to deliver a storage commitment report on a new association
+    #: (doubling after each failed attempt, up to ten times this)
     commitment_retry_interval: float = 60.0
+    #: seconds after the request when an undelivered storage commitment report is given up (7 days)
+    commitment_give_up_after: float = 604800.0
 
 
 @dataclass(frozen=True)
@@ -486,6 +489,7 @@ _QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
 _STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "accept_unknown_sop_classes": _bool,
     "commitment_retry_interval": _timeout,
+    "commitment_give_up_after": _timeout,
 }
 _RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference}
 _TLS_SCHEMA: Final[Mapping[str, _Validator]] = {

@@ -102,7 +102,7 @@ def populated(tmp_path: Path, template: Path) -> Path:
 
 def test_help_has_examples_for_every_command(tmp_path: Path) -> None:
     for command in ("init", "stats", "import", "export", "ls", "query", "verify", "reindex", "delete",
-                    "compact", "echo", "peers"):
+                    "compact", "echo", "peers", "commitments"):
         result = subprocess.run([sys.executable, "-m", "dcbnode.cli.admin", command, "--help"], cwd=REPO,
                                 capture_output=True, text=True, check=True)
         assert "example:" in result.stdout and "dcbnode-admin" in result.stdout
@@ -123,7 +123,8 @@ def test_init_is_idempotent_and_config_errors_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["stats"], ["ls"], ["query"], ["verify"], ["export", "--study", "1.2.3", "out"],
-                                     ["delete", "--study", "1.2.3"], ["compact"]])
+                                     ["delete", "--study", "1.2.3"], ["compact"], ["commitments"],
+                                     ["commitments", "--drop-all"]])
 def test_commands_that_do_not_create_an_archive_say_there_is_none(tmp_path: Path, command: list[str]) -> None:
     missing = tmp_path / "nowhere"
     result = admin(make_config(tmp_path, missing), *command, check=2)

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+from test_admin import admin, admin_json
 
 MODALITY = "MODALITY"
 #: (event type, event information) of each report received
@@ -88,9 +89,11 @@ def _modality_scp(port: int) -> Iterator[tuple[Reports, threading.Event]]:
         server.shutdown()
 
 
-def _start(running_node: Any, port: int, allow: tuple[str, ...] | None = None, **kwargs: Any) -> RunningNode:
+def _start(running_node: Any, port: int, allow: tuple[str, ...] | None = None, give_up_after: float = 3600.0,
+           retry_interval: float = 0.5, **kwargs: Any) -> RunningNode:
     peer: dict[str, Any] = {"host": LOOPBACK, "port": port, **({} if allow is None else {"allow": list(allow)})}
-    return running_node(tables={"peers." + MODALITY: peer, "storage": {"commitment_retry_interval": 0.5}}, **kwargs)
+    storage = {"commitment_retry_interval": retry_interval, "commitment_give_up_after": give_up_after}
+    return running_node(tables={"peers." + MODALITY: peer, "storage": storage}, **kwargs)
 
 
 def _uids(sequence: Any) -> list[str]:
@@ -228,12 +231,12 @@ def test_claims_are_exclusive_and_abandoned_ones_are_taken_over(database_url: st
             second.admit(transaction, MODALITY, [*references, Reference("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
         with pytest.raises(TransactionConflict, match="for another AE"):
             second.admit(transaction, "OTHER", references)
-        first.release(request, retry_in=0)
+        first.release(request, 0, "refused")
         assert first.due() == [request] == second.due()
         assert first.claim(request) is not None
         assert second.claim(request) is None and second.due() == []
         assert first.renew(request) and not second.renew(request)
-        first.release(request, retry_in=3600)
+        first.release(request, 3600, "refused")
         assert second.due() == [] and second.claim(request) is not None  # claim() ignores the retry time
         assert CommitmentQueue(index, "other:1:x", lease=0).claim(request) is not None  # lease expired
         # A claim left by a process of this host that has ended (here: a pid that cannot exist).
@@ -358,3 +361,69 @@ def test_requests_left_behind_by_a_release_are_reported_on_new_associations(runn
         assert wait_until(lambda: _pending_count(node) == 0, _WAIT), node.log()[-3000:]
     transactions = sorted(str(info.TransactionUID) for _, info in [*same, *reports])
     assert transactions == sorted(r.TransactionUID for r in requests), node.log()[-3000:]
+
+
+def test_an_unreachable_requestor_is_retried_less_often_then_given_up(running_node) -> None:
+    """Nobody listens at the requestor's address: the report is retried after 0.2, 0.4, … s (doubling),
+    then given up at commitment_give_up_after, with one error line naming everything an operator needs."""
+    port = free_port()
+    node = _start(running_node, port, retry_interval=0.2, give_up_after=4.0)
+    request = _request([("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+    status, _ = _ask(node, request, wait=False)
+    assert status.Status == 0
+    transaction = request.TransactionUID
+    assert wait_until(lambda: "given up" in node.log(), _WAIT), node.log()[-3000:]
+    lines = [line for line in node.log().splitlines() if transaction in line]
+    retries = [line.rsplit("retrying in ", 1)[1] for line in lines if "retrying in" in line]
+    assert retries[:2] == ["0.2 s", "0.4 s"], lines  # the back-off (the last wait is cut at the give-up time)
+    [given_up] = [line for line in lines if "given up" in line]
+    assert f"storage commitment {transaction}: report to {MODALITY} at {LOOPBACK}:{port} given up after " in given_up
+    assert f"and {len(retries) + 1} attempt(s)" in given_up and "last error: could not connect" in given_up
+    assert "the modality must ask again ([storage] commitment_give_up_after = 4 s)" in given_up
+    assert "ERROR" in given_up
+    assert _pending_count(node) == 0 and admin_json(node.config_path, "commitments") == []
+
+
+def test_operators_list_and_drop_waiting_reports(running_node, database_url) -> None:
+    """``dcbnode-admin commitments`` next to a running node (SQLite or PostgreSQL): what waits, how old,
+    how often tried and why it failed; ``--drop UID`` and ``--drop-all`` forget requests at once, and the
+    node sends no report for them."""
+    port = free_port()
+    node = _start(running_node, port, retry_interval=0.2, database_url=database_url)
+    requests = [_request([("1.2.840.10008.5.1.4.1.1.2", generate_uid())] * count) for count in (1, 2, 3)]
+    for request in requests:
+        assert _ask(node, request, wait=False)[0].Status == 0
+
+    def tried() -> list[dict[str, Any]]:
+        listed = admin_json(node.config_path, "commitments")
+        return listed if len(listed) == 3 and all(item["attempts"] >= 1 for item in listed) else []
+
+    assert wait_until(lambda: bool(tried()), _WAIT), node.log()[-3000:]
+    listed = {item["transaction_uid"]: item for item in tried()}
+    assert set(listed) == {r.TransactionUID for r in requests}
+    first = listed[requests[0].TransactionUID]
+    assert first["calling_ae_title"] == MODALITY
+    assert [listed[r.TransactionUID]["instances"] for r in requests] == [1, 2, 3]
+    assert "could not connect: Connection refused" in first["last_error"] and first["age_seconds"] >= 0
+    assert {"received_at", "next_attempt_at", "being_sent_by"} <= set(first)
+    shown = admin(node.config_path, "commitments").stdout
+    assert all(r.TransactionUID in shown for r in requests) and "3 storage commitment report(s) waiting" in shown
+    assert "last error" in shown.splitlines()[0] and "could not connect" in shown
+
+    dropped = admin(node.config_path, "commitments", "--drop", requests[0].TransactionUID).stdout
+    assert f"dropped {requests[0].TransactionUID} from {MODALITY} (1 instance(s)" in dropped
+    assert "dropped 1 storage commitment request(s): their reports will not be sent" in dropped
+    unknown = admin(node.config_path, "commitments", "--drop", requests[0].TransactionUID, check=2).stderr
+    assert "no storage commitment request with Transaction UID" in unknown and "dcbnode-admin commitments" in unknown
+    assert {item["transaction_uid"] for item in admin_json(node.config_path, "commitments")} == \
+        {r.TransactionUID for r in requests[1:]}
+    everything = admin_json(node.config_path, "commitments", "--drop-all")["dropped"]
+    assert sorted(item["transaction_uid"] for item in everything) == sorted(r.TransactionUID for r in requests[1:])
+    assert admin_json(node.config_path, "commitments") == []
+    # The modality comes back: only a new request's report reaches it, none of the dropped ones.
+    with _modality_scp(port) as (reports, arrived):
+        fresh = _request([("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+        assert _ask(node, fresh, wait=False)[0].Status == 0
+        assert arrived.wait(_WAIT), node.log()[-3000:]
+        assert wait_until(lambda: admin_json(node.config_path, "commitments") == [], _WAIT)
+    assert [str(info.TransactionUID) for _, info in reports] == [fresh.TransactionUID]

@@ -257,6 +257,7 @@ OTHER_ERRORS = [
     ("[query]\ncase_insensitive_names = 1\n", "query.case_insensitive_names", "true or false"),
     ("[query]\nmax_responses = -1\n", "query.max_responses", "integer >= 0"),
     ('[storage]\naccept_unknown_sop_classes = "no"\n', "storage.accept_unknown_sop_classes", "true or false"),
+    ("[storage]\ncommitment_give_up_after = 0\n", "storage.commitment_give_up_after", "positive number of seconds"),
     ("[logging]\nlevel = 1\n", "logging", "unknown table", "[peers.<AE title>]"),
     ("[peers.STORESCP]\nport = 11113\n", "peers.STORESCP.host", "missing"),
     ('[peers.STORESCP]\nhost = "127.0.0.1"\n', "peers.STORESCP.port", "missing"),

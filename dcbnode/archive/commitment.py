@@ -34,7 +34,7 @@ from .verification import verify_instance
 
 __all__ = ["CLASS_INSTANCE_CONFLICT", "NO_SUCH_OBJECT_INSTANCE", "PROCESSING_FAILURE", "Admission",
            "CommitmentQueue", "CommitmentResult", "PendingCommitment", "Reference", "TransactionConflict",
-           "assess"]
+           "WaitingRequest", "assess", "drop_requests", "duration_text", "retry_delay", "waiting_requests"]
 
 log = logging.getLogger("dcbnode.commitment")
 
@@ -115,7 +115,26 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def retry_delay(attempts: int, interval: float) -> float:
+    """Seconds before the next delivery after ``attempts`` failed ones: ``interval``, doubling after each
+    further failure, at most ten times ``interval``."""
+    return min(interval * 2 ** min(max(attempts - 1, 0), 4), 10 * interval)
+
+
+_UNITS = (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1))
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for people: ``4.2 s``, ``12 min 3 s``, ``2 h 5 min``, ``3 d 4 h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    name, size, smaller, small_size = next(unit for unit in _UNITS if seconds >= unit[1])
+    return f"{int(seconds // size)} {name} {int(seconds % size // small_size)} {smaller}"
+
+
 _TABLE = CommitmentRequest.__table__
+#: ``last_error`` is cut to this many characters.
+_ERROR_LENGTH = 500
 
 
 def _decode(references: str) -> list[Reference]:
@@ -193,17 +212,17 @@ class CommitmentQueue:
                                    .order_by(_TABLE.c.id).limit(limit))
             return [int(request_id) for (request_id,) in rows]
 
-    def release(self, request_id: int, retry_in: float, *, attempted: bool = True) -> None:
-        """Give a claimed request back, to be tried again in ``retry_in`` seconds; ``attempted``: a
-        delivery was tried (and failed), not just handed over unsent."""
+    def release(self, request_id: int, retry_in: float, error: str, *, attempted: bool = True) -> None:
+        """Give a claimed request back, to be tried again in ``retry_in`` seconds; ``error`` says why it
+        was not delivered; ``attempted``: a delivery was tried (and failed), not just handed over unsent."""
         with self.index.session() as session:
             session.execute(update(_TABLE).where(_TABLE.c.id == request_id, _TABLE.c.claimed_by == self.owner)
-                            .values(claimed_by=None, claimed_at=None,
+                            .values(claimed_by=None, claimed_at=None, last_error=error[:_ERROR_LENGTH],
                                     attempts=_TABLE.c.attempts + (1 if attempted else 0),
                                     not_before=_now() + timedelta(seconds=retry_in)))
 
     def finish(self, request_id: int) -> None:
-        """The report was delivered (or the request cannot ever be answered): forget the request."""
+        """The report was delivered (or is given up): forget the request."""
         with self.index.session() as session:
             session.execute(delete(_TABLE).where(_TABLE.c.id == request_id, _TABLE.c.claimed_by == self.owner))
 
@@ -224,3 +243,46 @@ class CommitmentQueue:
         """Requests not yet answered."""
         with self.index.session() as session:
             return int(session.scalar(select(func.count()).select_from(_TABLE)) or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingRequest:
+    """A request whose report has not been delivered yet, as ``dcbnode-admin commitments`` shows it."""
+
+    transaction_uid: str
+    calling_ae_title: str
+    instances: int
+    received_at: datetime  #: UTC
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime  #: UTC; the requesting association's attempt does not wait for it
+    claimed_by: str | None  #: the sender delivering it right now (``host:pid:…``), None when none is
+
+    def age(self, now: datetime | None = None) -> float:
+        """Seconds since the request."""
+        return ((now or _now()) - self.received_at).total_seconds()
+
+
+def _waiting(row: Any) -> WaitingRequest:
+    return WaitingRequest(row.transaction_uid, row.calling_ae_title, len(json.loads(row.references)), row.received_at,
+                          int(row.attempts), row.last_error, row.not_before, row.claimed_by)
+
+
+def waiting_requests(index: Index) -> list[WaitingRequest]:
+    """Every request whose report is still to be delivered, oldest first."""
+    with index.session() as session:
+        rows = session.execute(select(_TABLE).order_by(_TABLE.c.received_at, _TABLE.c.id)).all()
+    return [_waiting(row) for row in rows]
+
+
+def drop_requests(index: Index, transaction_uid: str | None) -> list[WaitingRequest]:
+    """Forget the waiting request(s) with ``transaction_uid`` (``None``: all): their reports are not sent
+    (one being sent at this very moment may still arrive).  What was dropped."""
+    with index.session() as session:
+        query = select(_TABLE).order_by(_TABLE.c.received_at, _TABLE.c.id)
+        if transaction_uid is not None:
+            query = query.where(_TABLE.c.transaction_uid == transaction_uid)
+        rows = session.execute(query).all()
+        if rows:
+            session.execute(delete(_TABLE).where(_TABLE.c.id.in_([row.id for row in rows])))
+    return [_waiting(row) for row in rows]

@@ -61,6 +61,9 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "compact": ("rewrite volumes without their dead records", "dcbnode-admin compact"),
     "echo": ("C-ECHO a configured peer", "dcbnode-admin echo PACS"),
     "peers": ("list configured peers", "dcbnode-admin peers --json"),
+    "commitments": ("list the Storage Commitment reports waiting to be delivered, or drop them",
+                    "dcbnode-admin commitments --json\n  dcbnode-admin commitments --drop 1.2.3.4.5\n"
+                    "  dcbnode-admin commitments --drop-all"),
 }
 
 
@@ -107,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub["backup"].add_argument("destination", type=Path, metavar="DEST", help="a new (or empty) folder")
     sub["restore"].add_argument("source", type=Path, metavar="SRC", help="a folder 'dcbnode-admin backup' wrote")
     sub["echo"].add_argument("peer", metavar="AET", help="AE title of a [peers.<AET>] entry")
+    dropping = sub["commitments"].add_mutually_exclusive_group()
+    dropping.add_argument("--drop", metavar="UID", help="forget the waiting request with this Transaction UID: its "
+                          "report is not sent")
+    dropping.add_argument("--drop-all", action="store_true", help="forget every waiting request")
     return parser
 
 
@@ -498,10 +505,21 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_commitments(args: argparse.Namespace, config: Config) -> int:
+    from .admin_commitments import run
+
+    with _Session(config, create=False) as archive:
+        try:
+            return run(args, archive.index)
+        except LookupError as exc:  # --drop UID: none such
+            raise UsageError(str(exc)) from exc
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "init": cmd_init, "stats": cmd_stats, "import": cmd_import, "export": cmd_export, "ls": cmd_ls,
     "query": cmd_ls, "verify": cmd_verify, "reindex": cmd_reindex, "upgrade": cmd_upgrade, "delete": cmd_delete,
     "compact": cmd_compact, "backup": cmd_backup, "restore": cmd_restore, "echo": cmd_echo, "peers": cmd_peers,
+    "commitments": cmd_commitments,
 }
 
 

@@ -138,4 +138,6 @@ class CommitmentRequest(Base):
     #: the sender working on it (None: free); a claim older than the lease is taken over
     claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: why the last delivery failed (for ``dcbnode-admin commitments``); None before any failure
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 

@@ -12,9 +12,10 @@
   serving the requestor (:mod:`.replies`: its next N-ACTION is answered meanwhile).  A report that
   cannot go there (the requestor released the association, or did not answer) is handed to the
   :class:`CommitmentService` thread, which sends it on a new association to the requestor's ``[peers]``
-  entry, proposing the SCP role (J.3.3.1.3), and retries every ``[storage] commitment_retry_interval``
-  seconds until a response comes back.  Requests left by a stopped or killed node are sent after its
-  restart.
+  entry, proposing the SCP role (J.3.3.1.3); a failed delivery is tried again after ``[storage]
+  commitment_retry_interval`` seconds, doubling up to ten times that, until a response comes back or
+  the request is ``commitment_give_up_after`` seconds old (then it is dropped, with one error line).
+  Requests left by a stopped or killed node are sent after its restart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import socket
 import threading
 import uuid
+from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any, Final, cast
 
@@ -46,11 +48,15 @@ from ..archive.commitment import (
     Reference,
     TransactionConflict,
     assess,
+    duration_text,
+    retry_delay,
 )
+from ..config import Config
 from ..dcbs import is_valid_uid
 from ..index.database import OutageNotice
 from .access import operation_refusal
 from .context import NodeContext
+from .move_destination import DestinationAttempt
 from .replies import send_request
 from .store_scp import status
 
@@ -196,7 +202,8 @@ class CommitmentService:
         if delivered:
             self.queue.finish(pending.id)
         else:
-            self.queue.release(pending.id, 0.0, attempted=False)
+            self.queue.release(pending.id, 0.0, "the requesting association ended before the report could be "
+                               "sent on it", attempted=False)
             self.wake()
 
     def wake(self) -> None:
@@ -208,7 +215,8 @@ class CommitmentService:
         return report_dataset(result, self.context.config.node.ae_title)
 
     def deliver(self, request_id: int) -> None:
-        """Claim ``request_id`` and send its report on a new association to the requestor."""
+        """Claim ``request_id`` and send its report on a new association to the requestor; after a failure,
+        try again later (backing off) or give up once ``commitment_give_up_after`` has passed."""
         pending = self.queue.claim(request_id)
         if pending is None:
             return
@@ -219,33 +227,58 @@ class CommitmentService:
                       "the request is dropped", pending.transaction_uid, pending.calling_ae_title)
             self.queue.finish(pending.id)
             return
-        node = config.node
+        error = "the report could not be prepared (see the error above)"
+        try:
+            error = self._send_new_association(pending, config)
+        finally:
+            if not error:
+                self.queue.finish(pending.id)
+            else:
+                self._failed(pending, config, error)
+
+    def _send_new_association(self, pending: PendingCommitment, config: Config) -> str:
+        """Associate with the requestor and send the report; "" once it answered, else why not."""
+        node, peer = config.node, config.peers[pending.calling_ae_title]
         ae = AE(ae_title=node.ae_title)
         ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
         ae.network_timeout = node.network_timeout
         ae.add_requested_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        attempt = DestinationAttempt(peer, 0)  # says why an association failed
         # PS3.4 J.3.3.1.3: the report's sender is the association requestor acting as SCP.
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=attempt.handlers,
                              ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
-        delivered = False
-        retry = config.storage.commitment_retry_interval
+        if not assoc.is_established:
+            return attempt.reason()
         try:
-            if assoc.is_established:
-                try:
-                    event_type, information = self._report(pending)
-                    delivered = _send_on(assoc, event_type, information, pending, "new association")
-                finally:
-                    if assoc.is_established:
-                        assoc.release()
-            if not delivered:
-                log.warning("storage commitment %s: report to %s at %s:%d not delivered (attempt %d); retrying "
-                            "in %g s", pending.transaction_uid, peer.ae_title, peer.host, peer.port,
-                            pending.attempts + 1, retry)
+            event_type, information = self._report(pending)
+            if _send_on(assoc, event_type, information, pending, "new association"):
+                return ""
+            return (f"no answer to the report within node.dimse_timeout ({node.dimse_timeout:g} s)"
+                    if assoc.is_established else "the association ended before the report was answered")
         finally:
-            if delivered:
-                self.queue.finish(pending.id)
-            else:
-                self.queue.release(pending.id, retry)
+            if assoc.is_established:
+                assoc.release()
+
+    def _failed(self, pending: PendingCommitment, config: Config, error: str) -> None:
+        """After a failed delivery: try again after the back-off, or give up once the request is older
+        than ``commitment_give_up_after`` (the last attempt is made at that age)."""
+        storage, peer = config.storage, config.peers[pending.calling_ae_title]
+        attempts = pending.attempts + 1
+        age = (datetime.now(UTC).replace(tzinfo=None) - pending.received_at).total_seconds()
+        left = storage.commitment_give_up_after - age
+        where = f"to {peer.ae_title} at {peer.host}:{peer.port}"
+        if left <= 0:
+            log.error("storage commitment %s: report %s given up after %s and %d attempt(s) (the request came "
+                      "%s UTC; last error: %s); the request is dropped, the modality must ask again "
+                      "([storage] commitment_give_up_after = %g s)", pending.transaction_uid, where,
+                      duration_text(age), attempts, f"{pending.received_at:%Y-%m-%d %H:%M:%S}", error,
+                      storage.commitment_give_up_after)
+            self.queue.finish(pending.id)
+            return
+        retry = min(retry_delay(attempts, storage.commitment_retry_interval), left)
+        log.warning("storage commitment %s: report %s not delivered (attempt %d): %s; retrying in %s",
+                    pending.transaction_uid, where, attempts, error, duration_text(retry))
+        self.queue.release(pending.id, retry, error)
 
     # -- the sender thread --------------------------------------------------------------------------------
 
