@@ -291,18 +291,18 @@ def _ask_on_one_association(node: RunningNode, requests: list[Dataset], *, repor
     return statuses, reports
 
 
-def _pending_count(node: RunningNode) -> int:
+def _pending_count(node: RunningNode, database_url: str = "") -> int:
     from dcbnode.archive.commitment import CommitmentQueue
 
-    archive = read_back(node.data_dir)
+    archive = read_back(node.data_dir, database_url)
     try:
         return CommitmentQueue(archive.index, "test:0:reader", lease=3600).count()
     finally:
         archive.close()
 
 
-def test_two_requests_on_one_association_get_a_report_each(running_node) -> None:
-    node = _start(running_node, free_port())
+def test_two_requests_on_one_association_get_a_report_each(running_node, database_url) -> None:
+    node = _start(running_node, free_port(), database_url=database_url)
     first, second = _ct(generate_uid()), _ct(generate_uid())
     assert [s.Status for s in scu_store(node, [first, second], calling_aet=MODALITY)] == [0, 0]
     ct_class = str(first.SOPClassUID)
@@ -320,7 +320,7 @@ def test_two_requests_on_one_association_get_a_report_each(running_node) -> None
     assert _uids(info.FailedSOPSequence) == [never_sent]
     assert wait_until(lambda: node.log().count("on the same association, status 0x0000") == 2), node.log()
     assert "new association" not in node.log()
-    assert wait_until(lambda: _pending_count(node) == 0)
+    assert wait_until(lambda: _pending_count(node, database_url) == 0)
 
 
 def test_a_repeated_transaction_uid_gets_one_report(running_node) -> None:
@@ -345,11 +345,11 @@ def test_a_repeated_transaction_uid_gets_one_report(running_node) -> None:
     assert wait_until(lambda: _pending_count(node) == 0)
 
 
-def test_requests_left_behind_by_a_release_are_reported_on_new_associations(running_node) -> None:
+def test_requests_left_behind_by_a_release_are_reported_on_new_associations(running_node, database_url) -> None:
     """Three requests on one association, released at once: every report goes out, each exactly once (on
     the same association for any sent before the release, else on a new one)."""
     port = free_port()
-    node = _start(running_node, port)
+    node = _start(running_node, port, database_url=database_url)
     stored = _ct(generate_uid())
     assert scu_store(node, [stored], calling_aet=MODALITY)[0].Status == 0
     requests = [_request([(str(stored.SOPClassUID), stored.SOPInstanceUID)]) for _ in range(3)]
@@ -358,7 +358,7 @@ def test_requests_left_behind_by_a_release_are_reported_on_new_associations(runn
         assert [status.Status for status in statuses] == [0, 0, 0]
         # Once no request is left, every delivery has happened (a request is forgotten only after its
         # report was answered, and the SCP records a report before answering it).
-        assert wait_until(lambda: _pending_count(node) == 0, _WAIT), node.log()[-3000:]
+        assert wait_until(lambda: _pending_count(node, database_url) == 0, _WAIT), node.log()[-3000:]
     transactions = sorted(str(info.TransactionUID) for _, info in [*same, *reports])
     assert transactions == sorted(r.TransactionUID for r in requests), node.log()[-3000:]
 
