@@ -37,7 +37,7 @@ from ..archive import Archive
 from ..archive.retrieve import RetrieveMatch
 from .wire import EncodedDataset
 
-__all__ = ["RebuildPool"]
+__all__ = ["RebuildPool", "RebuildSession"]
 
 log = logging.getLogger("dcbnode.retrieve")
 
@@ -61,11 +61,14 @@ def _send(sock: socket.socket, fields: Any, data: bytes | bytearray = b"") -> No
 
 
 def _read(sock: socket.socket, size: int) -> bytearray:
-    """Exactly ``size`` bytes, read into one buffer; ``EOFError`` when the other end has gone."""
+    """Exactly ``size`` bytes, read into one buffer; ``EOFError`` when the other end has gone.
+
+    ``MSG_WAITALL``: one call (one release of the GIL) for a whole instance, not one per piece the kernel
+    has; the loop only continues after a signal."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     while view:
-        received = sock.recv_into(view)
+        received = sock.recv_into(view, 0, socket.MSG_WAITALL)
         if not received:
             raise EOFError("rebuild helper socket closed")
         view = view[received:]
@@ -127,12 +130,72 @@ class _Helper:
             self.process.join(1.0)
 
 
+class RebuildSession:
+    """One retrieve's use of a helper: requests sent ahead, replies read in the same order.
+
+    The helper works through the queued requests while the association sends the instance it has, so
+    it never waits for the round trip of a reply.  The retrieve's lookahead bounds the requests
+    outstanding, and so the rebuilt instances held (in the socket, until read).
+    """
+
+    def __init__(self, pool: RebuildPool, helper: _Helper) -> None:
+        self._pool = pool
+        self._helper: _Helper | None = helper
+        self._outstanding = 0
+
+    def request(self, match: RetrieveMatch, accepted: Mapping[str, frozenset[str]],
+                location: tuple[str, int] | None, preference: Sequence[str]) -> bool:
+        """Ask for ``match`` to be rebuilt; False if the helper is gone (the caller rebuilds it itself)."""
+        if self._helper is None:
+            return False
+        try:
+            _send(self._helper.sock, (match, dict(accepted), location, tuple(preference)))
+        except OSError:
+            self._lost(match)
+            return False
+        self._outstanding += 1
+        return True
+
+    def result(self, match: RetrieveMatch) -> EncodedDataset | None:
+        """The reply to the oldest request (``match``'s); None if the helper died (the caller rebuilds it)."""
+        if self._helper is None:
+            return None
+        try:
+            (sop_class, sop_instance, syntax, has_data, reason), data = _receive(self._helper.sock)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self._lost(match)
+            return None
+        self._outstanding -= 1
+        return EncodedDataset(sop_class, sop_instance, syntax, data if has_data else None, reason)
+
+    def _lost(self, match: RetrieveMatch) -> None:
+        log.warning("a rebuild helper process ended; rebuilding %s and what it had been asked for in the "
+                    "association's thread", match.sop_instance_uid)
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            self._pool._drop(helper)
+
+    def close(self) -> None:
+        """Read the replies still due (a retrieve that ended early), then give the helper back."""
+        helper = self._helper
+        if helper is None:
+            return
+        try:
+            for _ in range(self._outstanding):
+                _receive(helper.sock)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self._helper = None
+            self._pool._drop(helper)
+            return
+        self._helper = None
+        self._pool._give_back(helper)
+
+
 class RebuildPool:
     """``processes`` helper processes rebuilding instances for the retrieves of this process."""
 
     def __init__(self, data_dir: Path, database_url: str, *, processes: int, log_level: str, name: str) -> None:
         self._args = (os.getpid(), str(data_dir), database_url, log_level, name)
-        #: how many helpers run; also how many instances one retrieve may have rebuilt at once
         self.processes = processes
         self._changed = threading.Condition()
         self._idle: list[_Helper] = []
@@ -141,32 +204,14 @@ class RebuildPool:
         self._start_failed = 0.0  # monotonic time of the last failed start
         self._closed = False
 
-    def rebuild(self, match: RetrieveMatch, accepted: Mapping[str, frozenset[str]],
-                location: tuple[str, int] | None, preference: Sequence[str]) -> EncodedDataset | None:
-        """The instance rebuilt by a helper; None if no helper is ready or it died (the caller rebuilds it)."""
-        helper = self._take()
-        if helper is None:
-            return None
-        try:
-            _send(helper.sock, (match, dict(accepted), location, tuple(preference)))
-            (sop_class, sop_instance, syntax, has_data, reason), data = _receive(helper.sock)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            log.warning("a rebuild helper process ended; rebuilding %s in the association's thread",
-                        match.sop_instance_uid)
-            self._drop(helper)
-            return None
-        self._give_back(helper)
-        return EncodedDataset(sop_class, sop_instance, syntax, data if has_data else None, reason)
-
-    def _take(self) -> _Helper | None:
-        """An idle helper (waiting while every ready one is busy); None while none is ready."""
+    def session(self) -> RebuildSession | None:
+        """An idle helper for one retrieve, until :meth:`RebuildSession.close`; None while none is idle (the
+        retrieve rebuilds in its own thread meanwhile, and asks again for its next instances)."""
         with self._changed:
             self._start_missing()
-            while not self._idle:
-                if not self._ready or self._closed:
-                    return None
-                self._changed.wait()
-            return self._idle.pop()
+            if not self._idle:
+                return None
+            return RebuildSession(self, self._idle.pop())
 
     def _give_back(self, helper: _Helper) -> None:
         with self._changed:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pydicom.uid import HTJ2K, UID, ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian
@@ -31,7 +31,7 @@ from ..dcbs.record import InstanceMeta
 from .wire import EncodedDataset
 
 if TYPE_CHECKING:
-    from .rebuild_pool import RebuildPool
+    from .rebuild_pool import RebuildPool, RebuildSession
 
 __all__ = ["LOCATION_BATCH", "MAX_CONTEXTS", "EncodedDataset", "accepted_storage_syntaxes", "choose_syntax", "prepare",
            "prepared_instances", "storage_contexts"]
@@ -168,58 +168,73 @@ def prepared_instances(archive: Archive, matches: Sequence[RetrieveMatch],
                        lookahead: int = 2,
                        preference: Sequence[str] = DEFAULT_SYNTAX_PREFERENCE,
                        rebuilds: RebuildPool | None = None) -> Iterator[EncodedDataset]:
-    """The instances rebuilt in order, up to ``lookahead`` of them ahead.
+    """The instances rebuilt in order, up to ``lookahead`` (≥ 1) of them ahead.
 
-    Rebuilding the next instances overlaps sending the current one: in the helper processes of
-    ``rebuilds`` (outside this process's GIL; as many at once as it has helpers, up to ``lookahead``),
-    else in one worker thread (decoding releases the GIL); at most ``lookahead + 1`` rebuilt instances
-    are held.  Once ``alive()`` is false (the receiving association is gone) the remaining instances
-    become placeholders without being read, and an instance rebuilt before is replaced by one:
-    ``send_c_store`` fails a placeholder at once, before sending anything, so no sub-operation waits for
-    a reply from a peer that has gone.
+    Rebuilding the next instances overlaps sending the current one: in a helper process of ``rebuilds``
+    (outside this process's GIL; the requests are sent ahead and the replies read in order, see
+    :class:`~.rebuild_pool.RebuildSession`), else — no helper idle yet — in a worker thread (decoding
+    releases the GIL), asking the pool again for each next instance.  At most ``lookahead + 1`` rebuilt
+    instances are held.  Once ``alive()`` is false (the receiving association is gone) the remaining
+    instances become placeholders without being read, and an instance rebuilt before is replaced by
+    one: ``send_c_store`` fails a placeholder at once, before sending anything, so no sub-operation
+    waits for a reply from a peer that has gone.
 
     The index is asked where the instances are :data:`LOCATION_BATCH` at a time (one query instead of one
     per instance, ~1 ms each with SQLite); an instance deleted after its batch was looked up is still
     sent while its record can be read.
     """
     locations = _Locations(archive, matches)
-
-    def one(match: RetrieveMatch, location: tuple[str, int] | None) -> EncodedDataset:
-        if not alive():
-            return EncodedDataset(match.sop_class_uid, match.sop_instance_uid, ExplicitVRLittleEndian, None,
-                                  "association to the receiver ended")
-        if rebuilds is not None:
-            rebuilt = rebuilds.rebuild(match, accepted, location, preference)
-            if rebuilt is not None:
-                return rebuilt
-        return prepare(archive, match, accepted, location, preference)
-
-    if lookahead <= 0:
-        yield from (one(match, locations.take(position)) for position, match in enumerate(matches))
-        return
-    threads = max(1, min(rebuilds.processes if rebuilds is not None else 1, lookahead))
-    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dcbnode-rebuild")
-    pending: deque[Future[EncodedDataset]] = deque()
+    session: RebuildSession | None = None
+    executor: ThreadPoolExecutor | None = None
+    pending: deque[Callable[[], EncodedDataset]] = deque()  # each gives the next instance, in order
     remaining = enumerate(matches)
 
     def submit_next() -> None:
+        nonlocal session, executor
         following = next(remaining, None)
-        if following is not None:
-            position, match = following
-            pending.append(executor.submit(one, match, locations.take(position)))
+        if following is None:
+            return
+        position, match = following
+        location = locations.take(position)
+        if not alive():
+            gone = _receiver_gone(match.sop_class_uid, match.sop_instance_uid)
+            pending.append(lambda: gone)
+            return
+        if session is None and rebuilds is not None:
+            session = rebuilds.session()
+        if session is not None and session.request(match, accepted, location, preference):
+            asked = session
+
+            def reply() -> EncodedDataset:
+                rebuilt = asked.result(match)
+                return rebuilt if rebuilt is not None else prepare(archive, match, accepted, location, preference)
+
+            pending.append(reply)
+            return
+        if executor is None:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcbnode-rebuild")
+        pending.append(executor.submit(prepare, archive, match, accepted, location, preference).result)
 
     try:
         for _ in range(lookahead):
             submit_next()
         while pending:
-            dataset = pending.popleft().result()
+            dataset = pending.popleft()()
             submit_next()
             if dataset.encoded is not None and not alive():  # rebuilt ahead, receiver gone since
-                dataset = EncodedDataset(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian,
-                                         None, "association to the receiver ended")
+                dataset = _receiver_gone(dataset.SOPClassUID, dataset.SOPInstanceUID)
             yield dataset
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        pending.clear()
+        if session is not None:
+            session.close()  # reads the replies still due
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _receiver_gone(sop_class_uid: str, sop_instance_uid: str) -> EncodedDataset:
+    return EncodedDataset(sop_class_uid, sop_instance_uid, ExplicitVRLittleEndian, None,
+                          "association to the receiver ended")
 
 
 class _Locations:
