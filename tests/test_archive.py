@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from dcbnode.archive import Archive, volume_path_for
 from dcbnode.archive.compaction import compact_volume
 from dcbnode.archive.recovery import recover, reindex
+from dcbnode.archive.verification import verify
 from dcbnode.dcbs import RecordKind, Volume, VolumeReplacedError, append_instance, encode_instance, rebuild
 
 
@@ -318,3 +319,41 @@ def test_compaction_drops_a_copy_replaced_from_another_series(tmp_path: Path) ->
     assert str(read(_retrieve(archive, read(first).SOPInstanceUID)).PatientName) == "CORRECTED^NAME"
     assert element_differences(read(kept), read(_retrieve(archive, read(kept).SOPInstanceUID))) == []
     archive.close()
+
+
+def _left_behind(archive: Archive, data: bytes) -> None:
+    """What a writer that died between its record's fsync and its index commit leaves: the record only
+    (another process: its own handle on the volume file)."""
+    encoded = encode_instance(data)
+    with Volume.open(archive.volume_file(volume_path_for(encoded.meta.series_instance_uid)), writable=True,
+                     create=True) as volume:
+        append_instance(volume, encoded)
+
+
+def test_a_record_left_by_a_dead_writer_is_indexed_by_the_next_store_into_its_series(archive: Archive) -> None:
+    """Another worker killed mid-store left a record without its index row; the next store into the
+    series (here, from this process) indexes it, as recovery would have, so that indexed_end never
+    passes an unindexed record: the volume verifies clean and can be compacted."""
+    series = generate_uid()
+    first, orphan, after = _ct_copy(series), _ct_copy(series), _ct_copy(series)
+    archive.store(first, defer_compression=True)
+    _left_behind(archive, orphan)
+    archive.store(after, defer_compression=True)
+    for data in (first, orphan, after):
+        assert element_differences(read(data), read(_retrieve(archive, read(data).SOPInstanceUID))) == []
+    assert verify(archive).problems == []
+    assert recover(archive).instances_indexed == 0
+    assert compact_volume(archive, archive.volume_file(volume_path_for(series))) is not None
+    for data in (first, orphan, after):
+        assert element_differences(read(data), read(_retrieve(archive, read(data).SOPInstanceUID))) == []
+
+
+def test_a_left_behind_duplicate_is_not_indexed_over_the_archived_copy(archive: Archive) -> None:
+    """The dead writer's store was a re-send, with other bytes, of an archived instance: the archived copy
+    stays what is served."""
+    series = generate_uid()
+    first = _ct_copy(series)
+    archive.store(first, defer_compression=True)
+    _left_behind(archive, _with_patient_name(first, "OTHER^BYTES", series))
+    archive.store(_ct_copy(series), defer_compression=True)
+    assert element_differences(read(first), read(_retrieve(archive, read(first).SOPInstanceUID))) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -48,36 +47,18 @@ from ..index.writer import (
     remove_instance,
     upsert_instance,
 )
+from .catch_up import index_left_behind
 from .group_commit import Batch, GroupCommit
+from .paths import VOLUMES_DIR, volume_generation, volume_path_for, volume_stem
 from .pool import VolumePool
 from .unsettled import IndexedRecord, UnsettledCommits
 
 log = logging.getLogger(__name__)
 
-VOLUMES_DIR = "volumes"
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
 _INDEX_ATTEMPTS = 3
 _REOPEN_ATTEMPTS = 3
 T = TypeVar("T")
-
-
-def volume_path_for(series_instance_uid: str) -> str:
-    """Relative path of a series' volume (first generation): a hash of the UID, never the raw UID."""
-    digest = hashlib.sha256(series_instance_uid.encode("ascii")).hexdigest()[:40]
-    return f"{VOLUMES_DIR}/{digest[:2]}/{digest[2:4]}/{digest}.dcbs"
-
-
-def volume_generation(relative: str) -> int:
-    """1 for ``<hash>.dcbs``, N for ``<hash>.gN.dcbs`` (compaction's generations)."""
-    parts = relative.rsplit("/", 1)[-1].split(".")
-    return int(parts[1][1:]) if len(parts) == 3 and parts[1][:1] == "g" and parts[1][1:].isdigit() else 1
-
-
-def volume_stem(relative: str) -> str:
-    """The path (or name) of a volume without its generation and extension: the same for all its
-    generations."""
-    directory, slash, name = relative.rpartition("/")
-    return f"{directory}{slash}{name.split('.', 1)[0]}"
 
 
 class StoreOutcome(Enum):
@@ -193,6 +174,8 @@ class Archive:
         self.attribute_cache = LevelAttributeCache()
         #: index commits that failed with an unknown outcome, and the records kept for them
         self.unsettled = UnsettledCommits(self.index, self.level_cache)
+        #: volume path → where the last batch this process committed into it ends (see _index)
+        self._committed_ends: dict[str, int] = {}
         #: volume stem → index path of its current generation (see _current_generation)
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
@@ -319,7 +302,7 @@ class Archive:
                       gather: Callable[[], list[_Submission]]) -> list[str | None]:
         return self._append(first_generation, lambda volume, relative: append_instances(
             volume, first[0], lambda: [encoded for encoded, _ in gather()],
-            lambda locations, wait_durable: self._index(gather(), relative, locations, wait_durable)))[1]
+            lambda locations, wait_durable: self._index(gather(), volume, relative, locations, wait_durable)))[1]
 
     def indexed_record(self, encoded: EncodedInstance, relative: str, location: RecordLocation,
                        source_ae_title: str) -> IndexedRecord:
@@ -332,12 +315,17 @@ class Archive:
                              volume_stem(relative) if has_raw_frames(meta) else None)
 
     def _index(
-        self, batch: list[_Submission], relative: str, locations: list[RecordLocation],
+        self, batch: list[_Submission], volume: Volume, relative: str, locations: list[RecordLocation],
         wait_durable: Callable[[], None],
     ) -> list[str | None]:
         """Write the index rows of records whose fsync is under way, and commit them once it is durable;
         returns each one's replaced copy's volume, if any.  Raises :class:`_DuplicateFound` if one of them
-        is indexed already (policies other than "replace")."""
+        is indexed already (policies other than "replace").
+
+        Records another process left before them without an index commit (it died in between) are
+        indexed in the same transaction (:func:`~.catch_up.index_left_behind`).  Looked for only when this
+        process did not commit the volume up to where this batch starts itself: one query otherwise.
+        """
         records = [self.indexed_record(encoded, relative, location, source_ae_title)
                    for (encoded, source_ae_title), location in zip(batch, locations, strict=True)]
         # Marked in the index by the first raw record of each volume file (see PendingVolumes).
@@ -346,6 +334,8 @@ class Archive:
         for attempt in range(_INDEX_ATTEMPTS):
             try:
                 with self.index.committing() as session:
+                    if self._committed_ends.get(relative) != locations[0].offset:
+                        index_left_behind(self, session, volume, relative, locations[0].offset)
                     replaced = [self._index_row(session, record) for record in records]
                     if mark:
                         mark_compression_pending(session, volume_stem(relative))
@@ -362,6 +352,7 @@ class Archive:
                 self.unsettled.failed(failed.error, records)  # returns only if the commit took effect
             if mark:
                 self.pending.marked(relative)
+            self._committed_ends[relative] = locations[-1].offset + locations[-1].length
             return replaced
         raise AssertionError("unreachable")
 

@@ -12,31 +12,21 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
-from ..dcbs import StoredInstance, Volume, live_instances
-from ..dcbs.dataset_split import parse_explicit_le
-from ..dcbs.dictionary import read_dictionary
-from ..dcbs.format import FILE_HEADER_SIZE, RecordKind, unpack_file_header
-from ..dcbs.instance import has_raw_frames
-from ..dcbs.record import unpack_tombstone
-from ..dcbs.volume import RecordEntry, fsync_directory
-from ..index.attributes import index_attributes
+from ..dcbs import Volume, live_instances
+from ..dcbs.format import FILE_HEADER_SIZE, unpack_file_header
+from ..dcbs.volume import fsync_directory
 from ..index.models import VolumeRow
 from ..index.writer import (
-    RecordPlacement,
     advance_indexed_end,
     clear_all,
     instance_location,
-    mark_compression_pending,
-    remove_instance,
-    upsert_instance,
 )
 from .archive import VOLUMES_DIR, Archive, volume_generation, volume_stem
+from .catch_up import RecoveryReport, apply_record, index_record
 from .rewrite_lock import rewriting
 
 log = logging.getLogger(__name__)
@@ -44,19 +34,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 #: records indexed per transaction during recovery and reindex
 _BATCH = 500
-
-
-@dataclass
-class RecoveryReport:
-    """What recovery or reindex did."""
-
-    volumes: int = 0
-    torn_bytes_cut: int = 0
-    instances_indexed: int = 0
-    instances_removed: int = 0
-    #: bytes of unacknowledged duplicate records cut off the end of volumes
-    duplicates_cut: int = 0
-    problems: list[str] = field(default_factory=list)
 
 
 def volume_files(archive: Archive) -> list[Path]:
@@ -202,7 +179,7 @@ def _reindex_volume(archive: Archive, path: Path, relative: str, report: Recover
             if elsewhere is not None and elsewhere[0] != relative:
                 report.problems.append(f"{path}: instance {uid} is also live in {elsewhere[0]}; "
                                        "the copy here is indexed")
-            _index_record(archive, session, stored, relative, report, exists=elsewhere is not None)
+            index_record(archive, session, stored, relative, report, exists=elsewhere is not None)
             if number % _BATCH == 0:
                 session.commit()
         advance_indexed_end(session, relative, volume.size())
@@ -220,7 +197,7 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
         end = start
         for number, entry in enumerate(volume.walk_from(start), 1):
             end = entry.location.offset + entry.location.length
-            if _apply(archive, session, volume, relative, entry, report):
+            if apply_record(archive, session, volume, relative, entry, report):
                 if unacknowledged is not None:  # not at the end (another process appended since)
                     _report_unacknowledged(report, path, unacknowledged)
                 unacknowledged = None
@@ -238,62 +215,6 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
 def _report_unacknowledged(report: RecoveryReport, path: Path, offset: int) -> None:
     report.problems.append(f"{path}: records from offset {offset} duplicate archived instances and were never "
                            "acknowledged; not indexed")
-
-
-def _apply(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,
-           report: RecoveryReport) -> bool:
-    """Bring the index up to date with one record; False (nothing done) for an unacknowledged duplicate."""
-    end = entry.location.offset + entry.location.length
-    if entry.header.kind == RecordKind.DICTIONARY:
-        read_dictionary(volume, entry.location.offset)  # checked now: the records after it need it
-        advance_indexed_end(session, relative, end)
-        return True
-    if entry.header.kind == RecordKind.TOMBSTONE:
-        _, block = volume.read_meta(entry.location.offset)
-        uid = unpack_tombstone(block)["sop_instance_uid"]
-        # A tombstone deletes the copy in its own volume only: under "replace", a copy filed under
-        # another series took the instance over, and the old series' volume got the tombstone.
-        location = instance_location(session, uid)
-        if location is not None and location[0] == relative and remove_instance(session, uid):
-            report.instances_removed += 1
-            archive.level_cache.clear()  # the series row may be gone with its last instance
-        advance_indexed_end(session, relative, end)
-        return True
-    stored = StoredInstance.read(volume, entry.location.offset)
-    uid = stored.meta.sop_instance_uid
-    current = instance_location(session, uid)
-    if current is not None and archive.duplicate_policy != "replace":
-        # The store that wrote this record found the instance already archived and was cutting the record
-        # back (its status: duplicate) when the process ended.  The archived copy stays.
-        return False
-    if current is not None and current[0] != relative:
-        # A replacement filed under another series whose tombstone for the old copy was not written yet:
-        # write it first, so the old copy cannot come back in a reindex.
-        archive.tombstone(current[0], uid, stored.meta.series_instance_uid)
-    _index_record(archive, session, stored, relative, report, exists=current is not None)
-    return True
-
-
-def _index_record(archive: Archive, session: Session, stored: StoredInstance, relative: str,
-                  report: RecoveryReport, *, exists: bool) -> None:
-    """Point the index at ``stored`` (and advance its volume's ``indexed_end`` past it); ``exists``: the
-    instance has an index row already (the caller just looked)."""
-    location = stored.location
-    header = parse_explicit_le(stored.blobs.header)
-    placement = RecordPlacement(relative, location.offset, location.length, stored.meta.received_length,
-                                location.length, stored.meta.received_syntax, _source_ae_title(stored))
-    upsert_instance(session, index_attributes(header), placement, archive.level_cache, exists=exists)
-    if has_raw_frames(stored.meta):  # its store died before committing the volume's pending mark
-        mark_compression_pending(session, volume_stem(relative))
-        archive.pending.note(volume_stem(relative))
-    report.instances_indexed += 1
-
-
-def _source_ae_title(stored: StoredInstance) -> str:
-    if not stored.blobs.file_meta:
-        return ""
-    meta: Dataset = parse_explicit_le(stored.blobs.file_meta)
-    return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
 
 
 def _remove_stale_temporaries(archive: Archive) -> None:

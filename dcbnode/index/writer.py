@@ -260,6 +260,12 @@ def remove_instance(session: Session, sop_instance_uid: str) -> bool:
     return True
 
 
+def indexed_end(session: Session, path: str) -> int:
+    """How far the index reflects a volume (0 for a volume it has no row for)."""
+    end = session.connection().execute(select(_VOLUMES.c.indexed_end).where(_VOLUMES.c.path == path)).scalar()
+    return 0 if end is None else int(end)
+
+
 def advance_indexed_end(session: Session, path: str, end: int) -> None:
     """Record that everything in a volume up to ``end`` is reflected in the index."""
     _advance(session, volume_row(session, path).id, end)
