@@ -45,7 +45,12 @@ def append_instances(
     takes what queued meanwhile); ``first`` is one of them, known before (a new volume's dictionary is
     made from it)."""
     dictionary = dictionary_for_append(volume, first.dictionary_candidate)
-    return volume.append_many(lambda: [_record(dictionary, instance) for instance in gather()], on_written)
+    first_record = _record(dictionary, first)  # before the lock: the others exist only once it is held
+
+    def records() -> list[NewRecord]:
+        return [first_record if instance is first else _record(dictionary, instance) for instance in gather()]
+
+    return volume.append_many(records, on_written)
 
 
 def _instance_record(volume: Volume, encoded: EncodedInstance) -> NewRecord:
