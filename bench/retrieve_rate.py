@@ -61,10 +61,13 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 def loaded_data_dir(files: Sequence[Path], key: str) -> Path:
     """A dcbnode data directory holding ``files``, stored once through the library and cached."""
     from dcbnode.archive import Archive
+    from dcbnode.index.schema import head_revision
 
     data_dir = CACHE_DIR / "retrieve" / key
     done = data_dir / ".loaded"
-    if done.exists():
+    # Loaded by an older dcbnode (index schema revision): load again, a node refuses to serve it.
+    marker = f"{len(files)}\nschema {head_revision()}\n"
+    if done.exists() and done.read_text() == marker:
         return data_dir
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
@@ -75,7 +78,7 @@ def loaded_data_dir(files: Sequence[Path], key: str) -> Path:
             archive.store(path.read_bytes(), source_ae_title="BENCH")
     finally:
         archive.close()
-    done.write_text(f"{len(files)}\n")
+    done.write_text(marker)
     print(f"  loaded {len(files)} instances into {data_dir} in {time.perf_counter() - started:.1f} s", flush=True)
     return data_dir
 

@@ -226,6 +226,8 @@ class RetrieveConfig:
 
     #: which accepted transfer syntax an instance goes out in, most wanted first
     syntax_preference: tuple[str, ...] = DEFAULT_SYNTAX_PREFERENCE
+    #: helper processes per worker that rebuild retrieved instances (0: a thread of the worker does)
+    rebuild_helpers: int = 0
 
 
 @dataclass(frozen=True)
@@ -491,7 +493,8 @@ _STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {
     "commitment_retry_interval": _timeout,
     "commitment_give_up_after": _timeout,
 }
-_RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference}
+_RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference,
+                                                      "rebuild_helpers": _int_between(0, 64)}
 _TLS_SCHEMA: Final[Mapping[str, _Validator]] = {
     "port": _int_between(0, 65535),
     "certificate": _file,

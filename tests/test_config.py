@@ -460,6 +460,16 @@ def test_data_dir_absolute_even_with_tilde(monkeypatch: pytest.MonkeyPatch, tmp_
     assert os.path.isabs(config.node.data_dir)
 
 
+@pytest.mark.parametrize("value", [-1, 65, "2", True, 1.5])
+def test_bad_rebuild_helpers(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"node.data_dir": str(tmp_path), "retrieve.rebuild_helpers": value})
+    assert "retrieve.rebuild_helpers" in str(info.value)
+    two = load_config(None, {"node.data_dir": str(tmp_path), "retrieve.rebuild_helpers": 2})
+    assert two.retrieve.rebuild_helpers == 2
+    assert load_config(None, {"node.data_dir": str(tmp_path)}).retrieve.rebuild_helpers == 0
+
+
 @pytest.mark.parametrize("value", [[], ["original", "lossy"], ["htj2k", "htj2k"], "htj2k"])
 def test_bad_syntax_preference(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError) as info:

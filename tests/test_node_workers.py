@@ -340,8 +340,8 @@ def _ready_helpers(node) -> int:
 def test_retrieve_rebuilds_in_a_helper_process_and_survives_its_death(running_node, tmp_path):
     """A C-GET's instances are rebuilt in a helper process of the worker (outside its GIL), started by the
     first retrieve; a helper killed between two retrieves fails nothing: the next retrieve is served in
-    full, bit-exact, and a new helper is started."""
-    node = running_node(workers=1)
+    full, bit-exact, and a new helper is started.  (By default there is none: see the next test.)"""
+    node = running_node(workers=1, tables={"retrieve": {"rebuild_helpers": 1}})
     datasets = ct_series(30, series_uid=pydicom.uid.generate_uid(), study_uid=pydicom.uid.generate_uid())
     sender = _storescu(node, _write(datasets, tmp_path / "series"), "SCU")
     assert sender.wait(300) == 0
@@ -364,3 +364,16 @@ def test_retrieve_rebuilds_in_a_helper_process_and_survives_its_death(running_no
             os.kill(helpers[0], signal.SIGKILL)
             assert wait_until(lambda: not _rebuild_helpers(worker))
     assert "a rebuild helper process ended" in node.log()
+
+
+def test_retrieve_rebuilds_in_the_worker_by_default(running_node, tmp_path):
+    """Without ``[retrieve] rebuild_helpers`` a C-GET is rebuilt by a thread of its worker: no helper
+    process is started, and the instances come back bit-exact."""
+    node = running_node(workers=1)
+    datasets = ct_series(5, series_uid=pydicom.uid.generate_uid(), study_uid=pydicom.uid.generate_uid())
+    assert _storescu(node, _write(datasets, tmp_path / "series"), "SCU").wait(300) == 0
+    received = _getscu(node, str(datasets[0].StudyInstanceUID), tmp_path / "got")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(by_uid)
+    assert all(pixels_equal(by_uid[str(ds.SOPInstanceUID)], ds) for ds in received)
+    assert _rebuild_helpers(_worker_pids(node)["w1"]) == [] and _ready_helpers(node) == 0

@@ -52,8 +52,6 @@ _STABLE = 30.0
 _FIRST_PAUSE, _MAX_PAUSE = 1.0, 30.0
 #: Failures in a row of every worker, none serving, after which the node reports that it cannot serve.
 _FAILING = 3
-#: Helper processes per worker that rebuild retrieved instances (dcbnode.net.rebuild_pool).
-_REBUILD_HELPERS = 1
 #: After the stop grace, how long the main process waits for its children before it kills them.
 _STOP_MARGIN = 10.0
 
@@ -288,8 +286,9 @@ def _worker_body(number: int, config: Config, overrides: dict[str, object], list
         archive = Archive(node_cfg.data_dir, node_cfg.resolved_database_url,
                           duplicate_policy=node_cfg.duplicate_policy, compresses=False,
                           index_busy_timeout=node_cfg.index_busy_timeout)
-        rebuilds = RebuildPool(node_cfg.data_dir, node_cfg.resolved_database_url, processes=_REBUILD_HELPERS,
-                               log_level=node_cfg.log_level, name=f"w{number + 1}-rebuild")
+        helpers = config.retrieve.rebuild_helpers
+        rebuilds = RebuildPool(node_cfg.data_dir, node_cfg.resolved_database_url, processes=helpers,
+                               log_level=node_cfg.log_level, name=f"w{number + 1}-rebuild") if helpers else None
         node = Node(NodeContext(config=config, archive=archive, rebuilds=rebuilds), AssociationLimit(slots, number))
         try:
             node.start(listening)
@@ -298,7 +297,8 @@ def _worker_body(number: int, config: Config, overrides: dict[str, object], list
                 _reload_worker(node, overrides)
         finally:
             node.stop(grace=node_cfg.dimse_timeout)
-            rebuilds.close()
+            if rebuilds is not None:
+                rebuilds.close()
             archive.close()
         return 0
 

@@ -1,20 +1,22 @@
 """Rebuilding retrieved instances in helper processes, outside the association's thread and GIL.
 
-A C-GET or C-MOVE rebuilds each instance (header from the volume's dictionary, HTJ2K decoded for a
-native peer) while the previous one is sent.  In a worker process that work shares one GIL with every
-association of that worker; here it runs in helper processes of the worker (started with ``spawn`` on
-the first retrieve, each with its own archive connection, at normal priority: a peer waits for their
-work).  Per association the lookahead of :func:`~.transfer.prepared_instances` still bounds
-memory: at most ``lookahead + 1`` rebuilt instances are held for it.
+Only with ``[retrieve] rebuild_helpers`` > 0 (default 0: a thread of the worker rebuilds, which costs
+less CPU per instance; see docs/configuration.md).  A C-GET or C-MOVE rebuilds each instance (header
+from the volume's dictionary, HTJ2K decoded for a native peer) while the previous one is sent.  In a
+worker process that work shares one GIL with every association of that worker; here it runs in helper
+processes of the worker (started with ``spawn`` on the first retrieve, each with its own archive
+connection, at normal priority: a peer waits for their work).  A retrieve keeps one helper while it
+runs (:class:`RebuildSession`); its lookahead (:func:`~.transfer.prepared_instances`) bounds the
+requests outstanding, so at most ``lookahead + 1`` rebuilt instances are held for it.
 
 Each helper talks to the worker over its own socket pair: a pickled request (a few hundred bytes), and
-back the instance's fields and its bytes, which the asking thread reads straight into the buffer that is
-then sent (no pickling of the data, no result thread: ``concurrent.futures``' process pool spent
+back the instance's fields and its bytes, which the association's thread reads straight into the buffer
+that is then sent (no pickling of the data, no result thread: ``concurrent.futures``' process pool spent
 ≈ 0.5 ms of the worker's GIL per 512² CT instance on its result and feeder threads).
 
-While no helper is ready (the first retrieve after the worker started, or after a helper died) an
-instance is rebuilt in the association's own thread, and a helper that dies (e.g. killed) fails no
-retrieve: the instance it was rebuilding is rebuilt there too, and a new helper is started.
+While no helper is idle (the first retrieve after the worker started, or after a helper died) an
+instance is rebuilt in a thread of the worker, and a helper that dies (e.g. killed) fails no retrieve:
+what it was asked for is rebuilt in the association's thread, and a new helper is started.
 """
 
 from __future__ import annotations
