@@ -56,22 +56,54 @@ def _collector(reports: Reports, arrived: threading.Event) -> Any:
     return on_report
 
 
+#: (0000,0100) Command Field = 8100H (N-EVENT-REPORT-RSP), as it appears in an encoded command set.
+_N_EVENT_REPORT_RSP = b"\x00\x00\x00\x01\x02\x00\x00\x00\x00\x81"
+
+
+class _Requestor:
+    """The requestor's side of reports on its own association: the reports received, and how many of its
+    answers have actually left (pynetdicom sends an answer after the handler returns, so the requestor
+    must not release before: an answer after the A-RELEASE-RQ is a protocol error the node cannot take,
+    PS3.8 Table 9-10, and it sends the report again on a new association)."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.reports: Reports = []
+        self.answered = 0
+        self.gate = gate  #: no report is answered before it is set
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_N_EVENT_REPORT, self._report), (evt.EVT_PDU_SENT, self._pdu_sent)]
+
+    def _report(self, event: Any) -> tuple[int, None]:
+        assert self.gate is None or self.gate.wait(_WAIT)
+        self.reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    def _pdu_sent(self, event: Any) -> None:
+        for item in getattr(event.pdu, "presentation_data_value_items", []):
+            value = item.presentation_data_value  # message control header, then the fragment
+            if value[0] & 0x01 and _N_EVENT_REPORT_RSP in value:  # a command fragment
+                self.answered += 1
+
+    def wait_answered(self, count: int, node: RunningNode) -> None:
+        assert wait_until(lambda: self.answered >= count, _WAIT), node.log()[-3000:]
+
+
 def _ask(node: RunningNode, request: Dataset, *, wait: bool, calling: str = MODALITY) -> tuple[Dataset, Reports]:
-    """N-ACTION from a pynetdicom SCU; with ``wait`` the association stays open until a report arrives."""
-    reports: Reports = []
-    arrived = threading.Event()
+    """N-ACTION from a pynetdicom SCU; with ``wait`` the association stays open until a report has been
+    received and answered."""
+    requestor = _Requestor()
     ae = AE(ae_title=calling)
     ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet,
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, _collector(reports, arrived))])
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=requestor.handlers())
     assert assoc.is_established
     try:
         status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
         if wait and status.Status == 0:
-            assert arrived.wait(_WAIT), node.log()[-3000:]
+            requestor.wait_answered(1, node)
     finally:
         assoc.release()
-    return status, reports
+    return status, requestor.reports
 
 
 @contextlib.contextmanager
@@ -261,19 +293,14 @@ def _ask_on_one_association(node: RunningNode, requests: list[Dataset], *, repor
                             gate: threading.Event | None = None) -> tuple[list[Dataset], Reports]:
     """Several N-ACTIONs on ONE association of a stock pynetdicom SCU, sent one after the other as soon
     as each response is in (not waiting for reports); then the association stays open until
-    ``reports_expected`` reports have arrived on it (or the generous wait is over), and is released.
+    ``reports_expected`` reports have arrived on it and been answered (or the generous wait is over), and
+    is released.
 
-    ``gate``: the SCU answers no report before it is set (by the caller, while requests go on)."""
-    reports: Reports = []
-
-    def on_report(event: Any) -> tuple[int, None]:
-        assert gate is None or gate.wait(_WAIT)
-        reports.append((event.event_type, event.event_information))
-        return 0x0000, None
-
+    ``gate``: the SCU answers no report before it is set (once every request has been sent)."""
+    requestor = _Requestor(gate)
     ae = AE(ae_title=MODALITY)
     ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=requestor.handlers())
     assert assoc.is_established
     try:
         statuses = []
@@ -284,11 +311,11 @@ def _ask_on_one_association(node: RunningNode, requests: list[Dataset], *, repor
         if gate is not None:
             gate.set()
         if reports_expected:
-            assert wait_until(lambda: len(reports) >= reports_expected, _WAIT), node.log()[-3000:]
+            requestor.wait_answered(reports_expected, node)
             assert assoc.is_established, node.log()[-3000:]
     finally:
         assoc.release()
-    return statuses, reports
+    return statuses, requestor.reports
 
 
 def _pending_count(node: RunningNode, database_url: str = "") -> int:
