@@ -342,13 +342,7 @@ def header_identity(header: bytes) -> dict[str, object]:
     this gives the very value the JSON would hold (``record.meta_content``), and reading applies this
     same function to the same bytes.
     """
-    values: dict[int, bytes] = {}
-    try:
-        for tag, value in _top_level_values(header, _LAST_IDENTITY_TAG):
-            if tag in _IDENTITY_TAGS:
-                values[tag] = value
-    except (struct.error, ValueError, InvalidDatasetError):
-        pass  # a damaged or unusual header: what was found before stays usable
+    values = _identity_values(header)
     return {
         "sop_instance_uid": _uid(values.get(0x00080018)),
         "instance_number": _number(values.get(0x00200013), int),
@@ -375,11 +369,42 @@ def _top_level(data: bytes, last: int) -> Iterator[tuple[int, int, int, int]]:
             position = start + length
 
 
-def _top_level_values(data: bytes, last: int) -> Iterator[tuple[int, bytes]]:
-    """(tag, value) of the top-level Explicit VR LE elements up to tag ``last``; sequences are skipped."""
-    for tag, _, start, length in _top_level(data, last):
-        if length != 0xFFFFFFFF:
-            yield tag, data[start : start + length]
+_ELEMENT_START = struct.Struct("<HH2sH")  # tag, VR, and the length of an element with a short VR
+_LONG_LENGTH = struct.Struct("<I")
+_LONG_VR_BYTES = frozenset(vr.encode("latin-1") for vr in _LONG_VRS)
+
+
+def _identity_values(header: bytes) -> dict[int, bytes]:
+    """The values of the :data:`_IDENTITY_TAGS` elements among the top-level elements :func:`_top_level`
+    walks up to (0020,0032), read as that walk reads them, in one loop (≈3× faster: it runs for every
+    record read, in the GIL of the worker that retrieves it).  A damaged or unusual header: what was found
+    before the damage stays usable."""
+    values: dict[int, bytes] = {}
+    position, end = 0, len(header)
+    try:
+        while position + 8 <= end:
+            group, element, vr, length = _ELEMENT_START.unpack_from(header, position)
+            start = position + 8
+            if vr in _LONG_VR_BYTES:
+                if position + 12 > end:
+                    break
+                (length,) = _LONG_LENGTH.unpack_from(header, start)
+                start = position + 12
+            tag = group << 16 | element
+            if tag > _LAST_IDENTITY_TAG:
+                break
+            if length == 0xFFFFFFFF:
+                # an undefined-length UN holds implicit VR items (PS3.5 6.2.2)
+                position = skip_undefined(header, start, IMPLICIT_LE if vr == b"UN" else EXPLICIT_LE)
+                continue
+            if start + length > end:
+                break
+            if tag in _IDENTITY_TAGS:
+                values[tag] = header[start : start + length]
+            position = start + length
+    except (struct.error, ValueError, InvalidDatasetError):
+        pass
+    return values
 
 
 def _uid(value: bytes | None) -> str | None:
