@@ -16,17 +16,17 @@ See ``docs/configuration.md`` for the user-facing description of every key.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import json
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
+
+from . import config_values as checks
+from .config_values import ConfigError
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -76,38 +76,7 @@ DEFAULT_DATA_DIR: Final[Path] = Path("dcbnode-data")
 # DICOM limits: AE VR is at most 16 characters (PS3.5 Table 6.2-1); the PDU
 # Maximum Length field is 32 bits (PS3.8 D.1.1). DCMTK, like most toolkits,
 # refuses PDUs below 4 KiB, so smaller values would break interoperability.
-_AE_MAX_LEN: Final = 16
-_PDU_MIN: Final = 4096
-_PDU_MAX: Final = 0xFFFFFFFF
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _TOML_POSITION = re.compile(r"\s*\((at line (\d+), column (\d+)|at end of document)\)\s*$")
-
-
-class ConfigError(Exception):
-    """A configuration problem, rendered as one line ``key: problem``.
-
-    ``key`` is the dotted TOML key (``node.port``, ``peers.PACS.host``,
-    ``access.allowed_calling_aets[2]``) or the file path for file-level
-    problems (missing file, TOML syntax). ``origin`` optionally says where the
-    bad value came from (the file, or a command-line override).
-    """
-
-    def __init__(self, key: str, problem: str, origin: str | None = None) -> None:
-        super().__init__(key, problem, origin)
-        self.key = key
-        self.problem = problem
-        self.origin = origin
-
-    def __str__(self) -> str:
-        text = f"{self.key}: {self.problem}"
-        if self.origin:
-            text += f" ({self.origin})"
-        # Guarantee the one-line contract even if a value smuggled a newline in.
-        return " ".join(text.splitlines())
-
-    def with_origin(self, origin: str | None) -> ConfigError:
-        """Return a copy that also names where the offending value came from."""
-        return ConfigError(self.key, self.problem, origin)
 
 
 @dataclass(frozen=True)
@@ -253,63 +222,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------
-# Value validators: each takes (value, key) and returns the converted value
-# or raises ConfigError(key, ...).
+# Checks of this configuration's own (generic ones: dcbnode.config_values)
 # --------------------------------------------------------------------------
-
-_Validator = Callable[[object, str], object]
-
-
-def _show(value: object) -> str:
-    """Render a value for an error message, TOML-style and on one line."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = json.dumps(value)  # quotes + escapes control characters
-    elif isinstance(value, dict):
-        text = "a table"
-    elif isinstance(value, int | float):
-        text = repr(value)
-    else:
-        text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _type_hint(value: object, expected: str) -> str:
-    """Common 'wrong type' problem text, with a hint for quoted numbers."""
-    hint = "; remove the quotes" if isinstance(value, str) and expected.startswith("an integer") else ""
-    return f"must be {expected}, got {_show(value)}{hint}"
-
-
-def _is_int(value: object) -> bool:
-    # bool is a subclass of int in Python, but `port = true` is a mistake.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int_between(low: int, high: int | None) -> _Validator:
-    """Validator for an integer in [low, high] (high None = unbounded)."""
-    expected = f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
-
-    def check(value: object, key: str) -> int:
-        if not _is_int(value) or value < low or (high is not None and value > high):
-            raise ConfigError(key, _type_hint(value, expected))
-        return value
-
-    return check
-
-
-def _port(value: object, key: str) -> int:
-    return _int_between(1, 65535)(value, key)
-
-
-def _file(value: object, key: str) -> Path:
-    """An existing file (certificates, keys); ``~`` expanded, relative to the working directory."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"must be a file path string, got {_show(value)}")
-    path = Path(os.path.abspath(os.path.expanduser(value)))
-    if not path.is_file():
-        raise ConfigError(key, f"{path} is not a readable file; check the path")
-    return path
 
 
 def _check_tls(tls: TlsConfig, plain_port: int) -> None:
@@ -327,180 +241,73 @@ def _check_tls(tls: TlsConfig, plain_port: int) -> None:
         raise ConfigError("node.port", "0 turns the plain listener off, but [tls] port is not set either")
 
 
-def _pdu_size(value: object, key: str) -> int:
-    if _is_int(value) and (value == 0 or _PDU_MIN <= value <= _PDU_MAX):
-        return value
-    expected = f"an integer between {_PDU_MIN} and {_PDU_MAX} bytes, or 0 for unlimited"
-    raise ConfigError(key, _type_hint(value, expected))
-
-
-def _timeout(value: object, key: str) -> float:
-    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ConfigError(key, f"must be a positive number of seconds, got {_show(value)}")
-    return float(value)
-
-
-def _bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false (without quotes), got {_show(value)}")
-    return value
-
-
-def _string(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string in double quotes, got {_show(value)}")
-    return value
-
-
-def _ae_title(value: object, key: str) -> str:
-    """An AE title per PS3.5 AE VR; returned without padding spaces."""
-    text = _string(value, key)
-    stripped = text.strip(" ")
-    if not stripped:
-        raise ConfigError(key, f"AE title must not be empty or all spaces, got {_show(text)}")
-    if any(ch == "\\" or not " " <= ch <= "~" for ch in stripped):
-        raise ConfigError(
-            key,
-            f"AE title must use printable ASCII without backslash or control characters, got {_show(text)}",
-        )
-    if len(stripped) > _AE_MAX_LEN:
-        raise ConfigError(
-            key, f"AE title must be 1 to 16 characters, got {_show(text)} ({len(stripped)} characters)"
-        )
-    return stripped
-
-
-def _is_hostname(text: str) -> bool:
-    """RFC 1123 host name (a trailing dot is allowed)."""
-    name = text[:-1] if text.endswith(".") else text
-    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
-
-
-def _host(value: object, key: str) -> str:
-    text = _string(value, key)
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        if not _is_hostname(text):
-            raise ConfigError(
-                key,
-                f'must be an IP address or host name such as "0.0.0.0" or "pacs.example.org", '
-                f"got {_show(text)}",
-            ) from None
-    return text
-
-
-def _data_dir(value: object, key: str) -> Path:
-    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-        raise ConfigError(key, f"must be a non-empty directory path string, got {_show(value)}")
-    # Relative paths are resolved against the CWD at load time (documented).
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
-
-
-def _database_url(value: object, key: str) -> str:
-    text = _string(value, key)
-    if not text:
-        return text
-    from sqlalchemy.engine import make_url  # lazy: only needed for non-default URLs
-    from sqlalchemy.exc import ArgumentError
-
-    hint = '; use "" for the built-in SQLite index, "sqlite:////abs/path.sqlite" or "postgresql+psycopg://user:pw@host/db"'
-    try:
-        backend = make_url(text).get_backend_name()
-    except (ArgumentError, ValueError):
-        # Never echo the value: it may contain a password.
-        raise ConfigError(key, "is not a valid database URL" + hint) from None
-    if backend not in ("sqlite", "postgresql"):
-        raise ConfigError(key, f"{backend} is not supported (SQLite and PostgreSQL are)" + hint)
-    return text
-
-
-def _choice(allowed: tuple[str, ...], *, upper: bool = False) -> _Validator:
-    """Validator for one of a fixed set of strings (optionally case-insensitive)."""
-    listing = ", ".join(f'"{item}"' for item in allowed)
-
-    def check(value: object, key: str) -> str:
-        text = value.upper() if upper and isinstance(value, str) else value
-        if text not in allowed:
-            raise ConfigError(key, f"must be one of {listing}, got {_show(value)}")
-        return text
-
-    return check
-
-
 def _syntax_preference(value: object, key: str) -> tuple[str, ...]:
     names = ", ".join(f'"{name}"' for name in SYNTAX_PREFERENCE_NAMES)
     if not isinstance(value, list) or not value or any(item not in SYNTAX_PREFERENCE_NAMES for item in value):
-        raise ConfigError(key, f"must be a list of some of {names}, most wanted first; got {_show(value)}")
+        raise ConfigError(key, f"must be a list of some of {names}, most wanted first; got {checks.show(value)}")
     if len(set(value)) != len(value):
-        raise ConfigError(key, f"names each syntax once; got {_show(value)}")
+        raise ConfigError(key, f"names each syntax once; got {checks.show(value)}")
     return tuple(value)
-
-
-def _ae_title_list(value: object, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f'must be a list of AE titles such as ["MODALITY1"], got {_show(value)}')
-    return tuple(_ae_title(item, f"{key}[{index}]") for index, item in enumerate(value))
 
 
 # --------------------------------------------------------------------------
 # Table schemas
 # --------------------------------------------------------------------------
 
-_NODE_SCHEMA: Final[Mapping[str, _Validator]] = {
-    "ae_title": _ae_title,
-    "bind": _host,
-    "port": _int_between(0, 65535),  # 0: no plain listener (TLS only)
-    "data_dir": _data_dir,
-    "database_url": _database_url,
-    "max_associations": _int_between(1, None),
-    "workers": _int_between(0, 256),
-    "max_pdu_size": _pdu_size,
-    "acse_timeout": _timeout,
-    "association_request_timeout": _timeout,
-    "dimse_timeout": _timeout,
-    "network_timeout": _timeout,
-    "index_busy_timeout": _timeout,
-    "duplicate_policy": _choice(DUPLICATE_POLICIES),
-    "compression": _choice(COMPRESSION_MODES),
-    "compression_delay": _timeout,
-    "log_level": _choice(LOG_LEVELS, upper=True),
+_NODE_SCHEMA: Final[Mapping[str, checks.Validator]] = {
+    "ae_title": checks.ae_title,
+    "bind": checks.host,
+    "port": checks.int_between(0, 65535),  # 0: no plain listener (TLS only)
+    "data_dir": checks.data_dir,
+    "database_url": checks.database_url,
+    "max_associations": checks.int_between(1, None),
+    "workers": checks.int_between(0, 256),
+    "max_pdu_size": checks.pdu_size,
+    "acse_timeout": checks.seconds,
+    "association_request_timeout": checks.seconds,
+    "dimse_timeout": checks.seconds,
+    "network_timeout": checks.seconds,
+    "index_busy_timeout": checks.seconds,
+    "duplicate_policy": checks.choice(DUPLICATE_POLICIES),
+    "compression": checks.choice(COMPRESSION_MODES),
+    "compression_delay": checks.seconds,
+    "log_level": checks.choice(LOG_LEVELS, upper=True),
 }
-_ACCESS_SCHEMA: Final[Mapping[str, _Validator]] = {
-    "allowed_calling_aets": _ae_title_list,
-    "require_called_aet": _bool,
-    "require_known_peer": _bool,
+_ACCESS_SCHEMA: Final[Mapping[str, checks.Validator]] = {
+    "allowed_calling_aets": checks.ae_title_list,
+    "require_called_aet": checks.boolean,
+    "require_known_peer": checks.boolean,
 }
 def _services(value: object, key: str) -> frozenset[str]:
     listing = ", ".join(f'"{name}"' for name in PEER_SERVICES)
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(key, f"must be a list of services from {listing}, got {_show(value)}")
+        raise ConfigError(key, f"must be a list of services from {listing}, got {checks.show(value)}")
     unknown = [item for item in value if item not in PEER_SERVICES]
     if unknown:
-        raise ConfigError(key, f"unknown service {_show(unknown[0])}; use any of {listing}")
+        raise ConfigError(key, f"unknown service {checks.show(unknown[0])}; use any of {listing}")
     return frozenset(value)
 
 
-_PEER_SCHEMA: Final[Mapping[str, _Validator]] = {"host": _host, "port": _port, "allow": _services, "tls": _bool}
+_PEER_SCHEMA: Final[Mapping[str, checks.Validator]] = {"host": checks.host, "port": checks.port, "allow": _services,
+                                                       "tls": checks.boolean}
 _PEER_REQUIRED: Final = ("host", "port")
-_QUERY_SCHEMA: Final[Mapping[str, _Validator]] = {
-    "case_insensitive_names": _bool,
-    "max_responses": _int_between(0, None),
+_QUERY_SCHEMA: Final[Mapping[str, checks.Validator]] = {
+    "case_insensitive_names": checks.boolean,
+    "max_responses": checks.int_between(0, None),
 }
-_STORAGE_SCHEMA: Final[Mapping[str, _Validator]] = {
-    "accept_unknown_sop_classes": _bool,
-    "commitment_retry_interval": _timeout,
-    "commitment_give_up_after": _timeout,
+_STORAGE_SCHEMA: Final[Mapping[str, checks.Validator]] = {
+    "accept_unknown_sop_classes": checks.boolean,
+    "commitment_retry_interval": checks.seconds,
+    "commitment_give_up_after": checks.seconds,
 }
-_RETRIEVE_SCHEMA: Final[Mapping[str, _Validator]] = {"syntax_preference": _syntax_preference,
-                                                      "rebuild_helpers": _int_between(0, 64)}
-_TLS_SCHEMA: Final[Mapping[str, _Validator]] = {
-    "port": _int_between(0, 65535),
-    "certificate": _file,
-    "private_key": _file,
-    "ca_certificates": _file,
-    "require_client_certificate": _bool,
+_RETRIEVE_SCHEMA: Final[Mapping[str, checks.Validator]] = {"syntax_preference": _syntax_preference,
+                                                      "rebuild_helpers": checks.int_between(0, 64)}
+_TLS_SCHEMA: Final[Mapping[str, checks.Validator]] = {
+    "port": checks.int_between(0, 65535),
+    "certificate": checks.file_path,
+    "private_key": checks.file_path,
+    "ca_certificates": checks.file_path,
+    "require_client_certificate": checks.boolean,
 }
 _TABLES: Final = ("node", "access", "peers", "query", "storage", "retrieve", "tls")
 _TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage], [retrieve] and [tls]"
@@ -508,11 +315,11 @@ _TABLES_TEXT: Final = "[node], [access], [peers.<AE title>], [query], [storage],
 
 def _require_table(value: object, key: str, hint: str) -> dict[str, object]:
     if not isinstance(value, dict):
-        raise ConfigError(key, f"must be a table ({hint}), got {_show(value)}")
+        raise ConfigError(key, f"must be a table ({hint}), got {checks.show(value)}")
     return value
 
 
-def _validate_table(raw: dict[str, object], name: str, schema: Mapping[str, _Validator]) -> dict[str, object]:
+def _validate_table(raw: dict[str, object], name: str, schema: Mapping[str, checks.Validator]) -> dict[str, object]:
     """Reject unknown keys and run each present key through its validator."""
     for key in raw:
         if key not in schema:
@@ -521,7 +328,7 @@ def _validate_table(raw: dict[str, object], name: str, schema: Mapping[str, _Val
     return {key: schema[key](value, f"{name}.{key}") for key, value in raw.items()}
 
 
-def _section(raw: dict[str, object], name: str, schema: Mapping[str, _Validator]) -> dict[str, object]:
+def _section(raw: dict[str, object], name: str, schema: Mapping[str, checks.Validator]) -> dict[str, object]:
     """Validate the optional top-level table ``[name]`` (absent = all defaults)."""
     return _validate_table(_require_table(raw.get(name, {}), name, f"[{name}]"), name, schema)
 
@@ -530,7 +337,7 @@ def _build_peers(raw: object) -> dict[str, PeerConfig]:
     peers: dict[str, PeerConfig] = {}
     for raw_aet, table in _require_table(raw, "peers", "[peers.<AE title>] tables").items():
         prefix = f"peers.{raw_aet}"
-        aet = _ae_title(raw_aet, prefix)
+        aet = checks.ae_title(raw_aet, prefix)
         if aet in peers:
             raise ConfigError(prefix, f"duplicates peers.{aet} (AE titles are compared without spaces)")
         values = _validate_table(_require_table(table, prefix, "with host and port"), prefix, _PEER_SCHEMA)
@@ -553,7 +360,7 @@ def _build_config(raw: dict[str, object], source: Path | None) -> Config:
             raise ConfigError(
                 "node.data_dir", 'missing; set data_dir = "/var/lib/dcbnode" (an absolute path) in [node]'
             )
-        node["data_dir"] = _data_dir(str(DEFAULT_DATA_DIR), "node.data_dir")
+        node["data_dir"] = checks.data_dir(str(DEFAULT_DATA_DIR), "node.data_dir")
     access = _section(raw, "access", _ACCESS_SCHEMA)
     query = _section(raw, "query", _QUERY_SCHEMA)
     storage = _section(raw, "storage", _STORAGE_SCHEMA)
