@@ -37,6 +37,7 @@ from ..index.database import DEFAULT_BUSY_TIMEOUT, CommitUnknownError, is_disk_f
 from ..index.writer import (
     LevelCache,
     RecordPlacement,
+    advance_from,
     advance_indexed_end,
     compression_pending,
     find_instance,
@@ -174,8 +175,6 @@ class Archive:
         self.attribute_cache = LevelAttributeCache()
         #: index commits that failed with an unknown outcome, and the records kept for them
         self.unsettled = UnsettledCommits(self.index, self.level_cache)
-        #: volume path → where the last batch this process committed into it ends (see _index)
-        self._committed_ends: dict[str, int] = {}
         #: volume stem → index path of its current generation (see _current_generation)
         self._generations: dict[str, str] = {}
         self._generations_lock = threading.Lock()
@@ -322,9 +321,10 @@ class Archive:
         returns each one's replaced copy's volume, if any.  Raises :class:`_DuplicateFound` if one of them
         is indexed already (policies other than "replace").
 
-        Records another process left before them without an index commit (it died in between) are
-        indexed in the same transaction (:func:`~.catch_up.index_left_behind`).  Looked for only when this
-        process did not commit the volume up to where this batch starts itself: one query otherwise.
+        ``indexed_end`` moves from where the batch starts to where it ends (one statement for the batch); if
+        it was not where the batch starts, records before it lack their index rows — left by a writer that
+        died between its fsync and its commit, since writers hold the lock until they commit — and are
+        indexed in the same transaction first (:func:`~.catch_up.index_left_behind`).
         """
         records = [self.indexed_record(encoded, relative, location, source_ae_title)
                    for (encoded, source_ae_title), location in zip(batch, locations, strict=True)]
@@ -334,9 +334,11 @@ class Archive:
         for attempt in range(_INDEX_ATTEMPTS):
             try:
                 with self.index.committing() as session:
-                    if self._committed_ends.get(relative) != locations[0].offset:
-                        index_left_behind(self, session, volume, relative, locations[0].offset)
                     replaced = [self._index_row(session, record) for record in records]
+                    start, end = locations[0].offset, locations[-1].offset + locations[-1].length
+                    if not advance_from(session, relative, start, end, self.level_cache):
+                        index_left_behind(self, session, volume, relative, start)
+                        advance_indexed_end(session, relative, end)
                     if mark:
                         mark_compression_pending(session, volume_stem(relative))
                     wait_durable()  # the commit (leaving the block) must not come before the fsync
@@ -352,7 +354,6 @@ class Archive:
                 self.unsettled.failed(failed.error, records)  # returns only if the commit took effect
             if mark:
                 self.pending.marked(relative)
-            self._committed_ends[relative] = locations[-1].offset + locations[-1].length
             return replaced
         raise AssertionError("unreachable")
 
@@ -361,9 +362,10 @@ class Archive:
         attributes, placement = record.attributes, record.placement
         if self.duplicate_policy == "replace":
             current = instance_location(session, attributes.sop_instance_uid)
-            upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None)
+            upsert_instance(session, attributes, placement, self.level_cache, exists=current is not None,
+                            advance=False)
             return current[0] if current is not None else None
-        if upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True):
+        if upsert_instance(session, attributes, placement, self.level_cache, keep_existing=True, advance=False):
             return None
         raise _DuplicateFound
 

@@ -164,8 +164,10 @@ def upsert_instance(
     *,
     exists: bool | None = None,
     keep_existing: bool = False,
+    advance: bool = True,
 ) -> bool:
-    """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``.
+    """Insert the instance (or point an existing row at its new record) and advance ``indexed_end``
+    (unless ``advance`` is False: the caller advances it once for several records, :func:`advance_from`).
 
     ``exists`` says whether the instance already has a row, when the caller just looked (None: look).
     ``keep_existing`` instead inserts only if there is no row (one statement, no look first) and
@@ -204,12 +206,25 @@ def upsert_instance(
             connection.execute(_UPDATE_INSTANCE, {"uid": uid, **values})
         else:
             connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": uid, **values})
-    _advance(session, volume_pk, placement.offset + placement.length)
+    if advance:
+        _advance(session, volume_pk, placement.offset + placement.length)
     return True
 
 
 def _advance(session: Session, volume_pk: int, end: int) -> None:
     session.connection().execute(_ADVANCE, {"volume": volume_pk, "end": end})
+
+
+_ADVANCE_FROM = (update(_VOLUMES).where(_VOLUMES.c.id == bindparam("volume"),
+                                       _VOLUMES.c.indexed_end == bindparam("start"))
+                 .values(indexed_end=bindparam("end")))
+
+
+def advance_from(session: Session, path: str, start: int, end: int, cache: LevelCache) -> bool:
+    """Move the volume's ``indexed_end`` from ``start`` to ``end``; False (nothing changed) if it was not at
+    ``start``: the index does not reflect the volume up to there."""
+    volume_pk = _volume_pk(session, path, cache)
+    return session.connection().execute(_ADVANCE_FROM, {"volume": volume_pk, "start": start, "end": end}).rowcount == 1
 
 
 def _volume_pk(session: Session, path: str, cache: LevelCache) -> int:
