@@ -357,3 +357,37 @@ def test_a_left_behind_duplicate_is_not_indexed_over_the_archived_copy(archive: 
     _left_behind(archive, _with_patient_name(first, "OTHER^BYTES", series))
     archive.store(_ct_copy(series), defer_compression=True)
     assert element_differences(read(first), read(_retrieve(archive, read(first).SOPInstanceUID))) == []
+
+
+def test_a_left_behind_duplicate_stays_unserved_after_a_reindex(archive: Archive) -> None:
+    """reindex takes the last record of an instance in a volume: the archived copy must be the last one
+    again once a dead writer's duplicate (other bytes) has been found behind it."""
+    series = generate_uid()
+    first = _ct_copy(series)
+    archive.store(first, defer_compression=True)
+    _left_behind(archive, _with_patient_name(first, "OTHER^BYTES", series))
+    archive.store(_ct_copy(series), defer_compression=True)
+    reindex(archive)
+    assert element_differences(read(first), read(_retrieve(archive, read(first).SOPInstanceUID))) == []
+    assert verify(archive).problems == []
+    assert compact_volume(archive, archive.volume_file(volume_path_for(series))) is not None
+    assert element_differences(read(first), read(_retrieve(archive, read(first).SOPInstanceUID))) == []
+
+
+def test_recovery_puts_the_archived_copy_after_an_unacknowledged_duplicate(archive: Archive) -> None:
+    """A crash left an unacknowledged duplicate (other bytes) that a later record, indexed by recovery,
+    follows: it cannot be cut off the end; the archived record is copied after it, so that reindex and
+    compaction keep serving the archived copy."""
+    series = generate_uid()
+    first = _ct_copy(series)
+    archive.store(first, defer_compression=True)
+    _left_behind(archive, _with_patient_name(first, "OTHER^BYTES", series))
+    later = _ct_copy(series)
+    _left_behind(archive, later)
+    report = recover(archive)
+    assert report.instances_indexed == 1 and report.problems  # the duplicate is reported
+    reindex(archive)
+    for data in (first, later):
+        assert element_differences(read(data), read(_retrieve(archive, read(data).SOPInstanceUID))) == []
+    assert compact_volume(archive, archive.volume_file(volume_path_for(series))) is not None
+    assert element_differences(read(first), read(_retrieve(archive, read(first).SOPInstanceUID))) == []

@@ -30,6 +30,7 @@ from ..dcbs import (
     append_tombstone,
     parse_instance,
 )
+from ..dcbs.format import RECORD_HEADER_SIZE
 from ..dcbs.instance import ParsedInstance, has_raw_frames
 from ..index import Index
 from ..index.attributes import LevelAttributeCache
@@ -45,6 +46,7 @@ from ..index.writer import (
     instance_location,
     instance_locations,
     mark_compression_pending,
+    relocate_instance,
     remove_instance,
     upsert_instance,
 )
@@ -76,6 +78,10 @@ _Submission = tuple[EncodedInstance, str]
 
 class DuplicateInstanceError(DcbsError):
     """The SOP Instance UID is already stored and the policy is "reject"."""
+
+
+class _NotThereAnyMore(Exception):
+    """Raised inside an index commit when the row to move no longer points at the record."""
 
 
 class _DuplicateFound(Exception):
@@ -299,9 +305,14 @@ class Archive:
 
     def _append_batch(self, first_generation: str, first: _Submission,
                       gather: Callable[[], list[_Submission]]) -> list[str | None]:
-        return self._append(first_generation, lambda volume, relative: append_instances(
+        followed: list[tuple[str, str, int]] = []  # archived records a dead writer's duplicate follows
+        replaced = self._append(first_generation, lambda volume, relative: append_instances(
             volume, first[0], lambda: [encoded for encoded, _ in gather()],
-            lambda locations, wait_durable: self._index(gather(), volume, relative, locations, wait_durable)))[1]
+            lambda locations, wait_durable: self._index(gather(), volume, relative, locations, wait_durable,
+                                                        followed)))[1]
+        for relative, uid, offset in followed:
+            self.put_archived_copy_last(relative, uid, offset)
+        return replaced
 
     def indexed_record(self, encoded: EncodedInstance, relative: str, location: RecordLocation,
                        source_ae_title: str) -> IndexedRecord:
@@ -315,7 +326,7 @@ class Archive:
 
     def _index(
         self, batch: list[_Submission], volume: Volume, relative: str, locations: list[RecordLocation],
-        wait_durable: Callable[[], None],
+        wait_durable: Callable[[], None], followed: list[tuple[str, str, int]],
     ) -> list[str | None]:
         """Write the index rows of records whose fsync is under way, and commit them once it is durable;
         returns each one's replaced copy's volume, if any.  Raises :class:`_DuplicateFound` if one of them
@@ -324,7 +335,9 @@ class Archive:
         ``indexed_end`` moves from where the batch starts to where it ends (one statement for the batch); if
         it was not where the batch starts, records before it lack their index rows — left by a writer that
         died between its fsync and its commit, since writers hold the lock until they commit — and are
-        indexed in the same transaction first (:func:`~.catch_up.index_left_behind`).
+        indexed in the same transaction first (:func:`~.catch_up.index_left_behind`); ``followed`` gets the
+        archived records that one of those duplicates, for :meth:`put_archived_copy_last` once the batch is
+        committed.
         """
         records = [self.indexed_record(encoded, relative, location, source_ae_title)
                    for (encoded, source_ae_title), location in zip(batch, locations, strict=True)]
@@ -337,7 +350,8 @@ class Archive:
                     replaced = [self._index_row(session, record) for record in records]
                     start, end = locations[0].offset, locations[-1].offset + locations[-1].length
                     if not advance_from(session, relative, start, end, self.level_cache):
-                        index_left_behind(self, session, volume, relative, start)
+                        followed[:] = [(relative, uid, offset) for uid, offset
+                                       in index_left_behind(self, session, volume, relative, start)]
                         advance_indexed_end(session, relative, end)
                     if mark:
                         mark_compression_pending(session, volume_stem(relative))
@@ -356,6 +370,35 @@ class Archive:
                 self.pending.marked(relative)
             return replaced
         raise AssertionError("unreachable")
+
+    def put_archived_copy_last(self, relative: str, sop_instance_uid: str, offset: int) -> None:
+        """Append a copy of the archived record of an instance at ``offset`` in volume ``relative`` and point
+        the index at the copy, when an unacknowledged duplicate record of it (a dead writer's) follows it in
+        the volume: a volume's last record of an instance is the one ``reindex`` and compaction keep, and
+        it must be the archived one.  Nothing is done if the index no longer points there."""
+
+        def copy(volume: Volume, current: str) -> None:
+            if current != relative:
+                return  # compaction replaced the volume meanwhile: its new generation holds the archived copy
+            stored = StoredInstance.read(volume, offset)  # checked before it is copied
+            header = volume.read_header(offset)
+            payload = volume.read_exact(offset + RECORD_HEADER_SIZE, header.payload_length)
+            volume.append(header.kind, payload[:header.meta_length], [payload[header.meta_length:]],
+                          layout=header.layout, dictionary_id=header.dictionary_id,
+                          on_durable=lambda location: self._relocate(stored.meta.sop_instance_uid, relative,
+                                                                     offset, location))
+
+        try:
+            self._append(relative, copy)
+        except _NotThereAnyMore:
+            return
+        log.warning("%s: SOP Instance %s's archived record (offset %d) copied to the end of its volume, after an "
+                    "unacknowledged duplicate a dead writer left there", relative, sop_instance_uid, offset)
+
+    def _relocate(self, sop_instance_uid: str, relative: str, offset: int, location: RecordLocation) -> None:
+        with self.index.session() as session:
+            if not relocate_instance(session, sop_instance_uid, relative, offset, location.offset, location.length):
+                raise _NotThereAnyMore  # deleted or replaced since: the copy is cut back
 
     def _index_row(self, session: Session, record: IndexedRecord) -> str | None:
         """Index one record; returns the replaced copy's volume, if any."""

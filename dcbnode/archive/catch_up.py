@@ -53,20 +53,24 @@ class RecoveryReport:
     problems: list[str] = field(default_factory=list)
 
 
-def index_left_behind(archive: Archive, session: Session, volume: Volume, relative: str, end: int) -> int:
+def index_left_behind(archive: Archive, session: Session, volume: Volume, relative: str,
+                      end: int) -> list[tuple[str, int]]:
     """Index the records of ``volume`` (index path ``relative``) from its ``indexed_end`` up to ``end``, in
-    ``session``; returns how many instances that indexed.  The caller holds the volume's append lock
-    and appends at ``end``: records before it that the index lacks were left by a writer that died
-    between its record's fsync and its index commit (their senders got no status).
+    ``session``.  The caller holds the volume's append lock and appends at ``end``: records before it
+    that the index lacks were left by a writer that died between its record's fsync and its index commit
+    (their senders got no status).
 
     An instance archived already (the dead writer's store was a duplicate) is left unindexed, and so is a
-    replacement filed under another series (its tombstone would need that volume's lock): recovery and
-    ``dcbnode-admin verify`` report them.
+    replacement filed under another series (its tombstone would need that volume's lock).  Returns the
+    (SOP Instance UID, record offset) of each archived record of this volume that such a duplicate now
+    follows: the caller must append a copy of it (:meth:`~.archive.Archive.put_archived_copy_last`), or a
+    ``reindex``, which takes an instance's last record in a volume, would serve the duplicate.
     """
     start = max(indexed_end(session, relative), FILE_HEADER_SIZE)
     if start >= end:
-        return 0
+        return []
     report = RecoveryReport()
+    followed: list[tuple[str, int]] = []
     for entry in volume.walk_from(start):
         if entry.location.offset >= end:
             break
@@ -77,13 +81,15 @@ def index_left_behind(archive: Archive, session: Session, volume: Volume, relati
                 log.warning("%s: the record at offset %d (SOP Instance %s), left by a store that ended before "
                             "its index commit, duplicates an archived instance: not indexed", relative,
                             entry.location.offset, stored.meta.sop_instance_uid)
+                if current[0] == relative and current[1] < entry.location.offset:
+                    followed.append((stored.meta.sop_instance_uid, current[1]))
                 continue
         apply_record(archive, session, volume, relative, entry, report)
     if report.instances_indexed:
         log.warning("%s: indexed %d instance(s) whose store ended between the record's fsync and its index "
                     "commit (a process that died; their senders got no status)", relative,
                     report.instances_indexed)
-    return report.instances_indexed
+    return followed
 
 
 def apply_record(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,

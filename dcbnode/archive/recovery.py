@@ -16,9 +16,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from ..dcbs import Volume, live_instances
+from ..dcbs import StoredInstance, Volume, live_instances
 from ..dcbs.format import FILE_HEADER_SIZE, unpack_file_header
-from ..dcbs.volume import fsync_directory
+from ..dcbs.volume import RecordEntry, fsync_directory
 from ..index.models import VolumeRow
 from ..index.writer import (
     advance_indexed_end,
@@ -190,19 +190,25 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
 
     ``indexed_end`` advances in the same transactions, so a crash here loses no progress but the last
     batch's, which the next recovery redoes.  Unacknowledged duplicates at the end are cut off; others
-    are reported.
+    are reported, and the archived records they follow in this volume are copied after them
+    (:meth:`~.archive.Archive.put_archived_copy_last`).
     """
+    followed: list[tuple[str, int]] = []  # archived records (uid, offset) an unacknowledged duplicate follows
     with _indexing(archive, path, report, "recovery") as (volume, session):
         unacknowledged: int | None = None  # where the current run of unacknowledged duplicates begins
+        run: list[tuple[str, int]] = []  # the archived records that run's duplicates follow
         end = start
         for number, entry in enumerate(volume.walk_from(start), 1):
             end = entry.location.offset + entry.location.length
             if apply_record(archive, session, volume, relative, entry, report):
                 if unacknowledged is not None:  # not at the end (another process appended since)
                     _report_unacknowledged(report, path, unacknowledged)
-                unacknowledged = None
-            elif unacknowledged is None:
-                unacknowledged = entry.location.offset
+                    followed += run
+                unacknowledged, run = None, []
+            else:
+                if unacknowledged is None:
+                    unacknowledged = entry.location.offset
+                run += _archived_copy_followed(session, volume, relative, entry)
             if number % _BATCH == 0:
                 session.commit()
         if unacknowledged is not None:
@@ -210,6 +216,20 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
                 report.duplicates_cut += end - unacknowledged
             else:
                 _report_unacknowledged(report, path, unacknowledged)
+                followed += run
+    for uid, offset in followed:
+        archive.put_archived_copy_last(relative, uid, offset)
+
+
+def _archived_copy_followed(session: Session, volume: Volume, relative: str,
+                            entry: RecordEntry) -> list[tuple[str, int]]:
+    """[(uid, offset)] of the archived record in this volume that the unacknowledged duplicate ``entry``
+    follows; [] when the archived copy lives in another volume."""
+    uid = StoredInstance.read(volume, entry.location.offset).meta.sop_instance_uid
+    current = instance_location(session, uid)
+    if current is None or current[0] != relative or current[1] > entry.location.offset:
+        return []
+    return [(uid, current[1])]
 
 
 def _report_unacknowledged(report: RecoveryReport, path: Path, offset: int) -> None:

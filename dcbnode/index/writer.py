@@ -281,6 +281,20 @@ def indexed_end(session: Session, path: str) -> int:
     return 0 if end is None else int(end)
 
 
+def relocate_instance(session: Session, sop_instance_uid: str, path: str, offset: int, new_offset: int,
+                      new_length: int) -> bool:
+    """Point an instance's row from its record at ``offset`` in volume ``path`` to a copy of that record at
+    ``new_offset`` in the same volume; False (nothing changed) if the row points elsewhere now."""
+    volume_pk = volume_row(session, path).id
+    moved = session.connection().execute(
+        update(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == sop_instance_uid,
+                                 _INSTANCES.c.volume_pk == volume_pk, _INSTANCES.c.record_offset == offset)
+        .values(record_offset=new_offset, record_length=new_length)).rowcount == 1
+    if moved:
+        _advance(session, volume_pk, new_offset + new_length)
+    return moved
+
+
 def advance_indexed_end(session: Session, path: str, end: int) -> None:
     """Record that everything in a volume up to ``end`` is reflected in the index."""
     _advance(session, volume_row(session, path).id, end)
