@@ -380,13 +380,12 @@ class Archive:
         def copy(volume: Volume, current: str) -> None:
             if current != relative:
                 return  # compaction replaced the volume meanwhile: its new generation holds the archived copy
-            stored = StoredInstance.read(volume, offset)  # checked before it is copied
-            header = volume.read_header(offset)
-            payload = volume.read_exact(offset + RECORD_HEADER_SIZE, header.payload_length)
-            volume.append(header.kind, payload[:header.meta_length], [payload[header.meta_length:]],
-                          layout=header.layout, dictionary_id=header.dictionary_id,
-                          on_durable=lambda location: self._relocate(stored.meta.sop_instance_uid, relative,
-                                                                     offset, location))
+            StoredInstance.read(volume, offset)  # an instance record, checked before it is copied
+            header, meta = volume.read_meta(offset)
+            data_start = offset + RECORD_HEADER_SIZE + header.meta_length
+            data = volume.read_exact(data_start, header.payload_length - header.meta_length)
+            volume.append(header.kind, meta, [data], layout=header.layout, dictionary_id=header.dictionary_id,
+                          on_durable=lambda location: self._relocate(sop_instance_uid, relative, offset, location))
 
         try:
             self._append(relative, copy)

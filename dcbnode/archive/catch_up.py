@@ -81,8 +81,7 @@ def index_left_behind(archive: Archive, session: Session, volume: Volume, relati
                 log.warning("%s: the record at offset %d (SOP Instance %s), left by a store that ended before "
                             "its index commit, duplicates an archived instance: not indexed", relative,
                             entry.location.offset, stored.meta.sop_instance_uid)
-                if current[0] == relative and current[1] < entry.location.offset:
-                    followed.append((stored.meta.sop_instance_uid, current[1]))
+                followed += archived_copy_followed(relative, entry, stored.meta.sop_instance_uid, current)
                 continue
         apply_record(archive, session, volume, relative, entry, report)
     if report.instances_indexed:
@@ -90,6 +89,15 @@ def index_left_behind(archive: Archive, session: Session, volume: Volume, relati
                     "commit (a process that died; their senders got no status)", relative,
                     report.instances_indexed)
     return followed
+
+
+def archived_copy_followed(relative: str, entry: RecordEntry, sop_instance_uid: str,
+                           current: tuple[str, int] | None) -> list[tuple[str, int]]:
+    """``[(uid, offset)]`` of the archived record of an instance (the index places it at ``current``) when
+    it lies in the same volume ``relative`` before ``entry``, an unacknowledged duplicate of it; else []."""
+    if current is None or current[0] != relative or current[1] >= entry.location.offset:
+        return []
+    return [(sop_instance_uid, current[1])]
 
 
 def apply_record(archive: Archive, session: Session, volume: Volume, relative: str, entry: RecordEntry,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ..dcbs import StoredInstance, Volume, live_instances
 from ..dcbs.format import FILE_HEADER_SIZE, unpack_file_header
-from ..dcbs.volume import RecordEntry, fsync_directory
+from ..dcbs.volume import fsync_directory
 from ..index.models import VolumeRow
 from ..index.writer import (
     advance_indexed_end,
@@ -26,7 +26,7 @@ from ..index.writer import (
     instance_location,
 )
 from .archive import VOLUMES_DIR, Archive, volume_generation, volume_stem
-from .catch_up import RecoveryReport, apply_record, index_record
+from .catch_up import RecoveryReport, apply_record, archived_copy_followed, index_record
 from .rewrite_lock import rewriting
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
             else:
                 if unacknowledged is None:
                     unacknowledged = entry.location.offset
-                run += _archived_copy_followed(session, volume, relative, entry)
+                uid = StoredInstance.read(volume, entry.location.offset).meta.sop_instance_uid
+                run += archived_copy_followed(relative, entry, uid, instance_location(session, uid))
             if number % _BATCH == 0:
                 session.commit()
         if unacknowledged is not None:
@@ -219,17 +220,6 @@ def _catch_up(archive: Archive, path: Path, relative: str, start: int, report: R
                 followed += run
     for uid, offset in followed:
         archive.put_archived_copy_last(relative, uid, offset)
-
-
-def _archived_copy_followed(session: Session, volume: Volume, relative: str,
-                            entry: RecordEntry) -> list[tuple[str, int]]:
-    """[(uid, offset)] of the archived record in this volume that the unacknowledged duplicate ``entry``
-    follows; [] when the archived copy lives in another volume."""
-    uid = StoredInstance.read(volume, entry.location.offset).meta.sop_instance_uid
-    current = instance_location(session, uid)
-    if current is None or current[0] != relative or current[1] > entry.location.offset:
-        return []
-    return [(uid, current[1])]
 
 
 def _report_unacknowledged(report: RecoveryReport, path: Path, offset: int) -> None:
